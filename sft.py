@@ -1,0 +1,402 @@
+"""Stage 1 of Safe RLHF: supervised fine-tuning (SFT).
+
+The SFT model is the starting point of everything after it: the reward and cost models are initialised
+from it, and it is both the initial actor and the frozen reference policy of PPO-Lagrangian (paper §3,
+"Supervised fine-tuning"; reference note §1). It minimises the next-token cross-entropy of the answer,
+with the prompt masked out:
+
+    L_SFT(θ) = - Σ_{(x, y)} Σ_t log π_θ(y_t | x, y_<t)  /  (number of answer tokens)
+
+where x is the templated prompt `BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:` and y is the answer
+followed by EOS. The mean is over every answer token of the *global* batch (all ranks, all accumulation
+steps), so the update does not depend on how a batch is split across GPUs.
+
+Deliberate differences from the reference code: the prompt and the answer are tokenised separately and
+concatenated (the reference tokenises them as one string), so the prompt/answer boundary is exact and the
+same in every stage; and we use plain PyTorch DDP instead of DeepSpeed.
+
+Run (toy world, one process, from scratch):
+    python sft.py --model_name_or_path data/tiny-llama --from_scratch --train_data data/toy/sft.jsonl \
+        --output_dir runs/toy/sft --epochs 4 --lr 1e-3 --per_device_train_batch_size 32 \
+        --gradient_accumulation_steps 1 --max_length 128
+Run (paper scale, 8 GPUs; the defaults are the reference's 7B settings):
+    torchrun --standalone --nproc_per_node=8 sft.py --model_name_or_path huggyllama/llama-7b \
+        --train_data tatsu-lab/alpaca --output_dir output/sft
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = field(default="huggyllama/llama-7b", metadata={"help": "hub id or local directory of the base model (or of its config with --from_scratch)"})
+    from_scratch: bool = field(default=False, metadata={"help": "initialise the weights from the config instead of loading them (the toy world's stand-in for pre-training)"})
+    train_data: str = field(default="tatsu-lab/alpaca", metadata={"help": "local .json/.jsonl/.parquet file or hub data set (NAME or NAME@REVISION); {prompt, response} or Alpaca {instruction, input, output} rows"})
+    train_split: str = field(default="train", metadata={"help": "split of a hub training data set"})
+    eval_data: str = field(default="", metadata={"help": "optional evaluation data, same formats as train_data"})
+    eval_split: str = field(default="test", metadata={"help": "split of a hub evaluation data set"})
+    output_dir: str = field(default="output/sft", metadata={"help": "where the Hugging Face checkpoint, args.json and metrics.jsonl go"})
+    max_length: int = field(default=512, metadata={"help": "maximum tokens per sequence (prompt + answer); longer rows are truncated"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training data"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (-1: run all epochs)"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "sequences per device per micro-step"})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "sequences per device per evaluation step"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-steps per optimiser step"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up: cosine, linear or constant"})
+    lr_warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the optimiser steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast, used only where the device supports it (CUDA with bf16)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass to save memory"})
+    logging_steps: int = field(default=1, metadata={"help": "log the training loss every N optimiser steps"})
+    # derived at run time, right after parsing
+    world_size: int = field(default=1, init=False)
+    global_batch_size: int = field(default=0, init=False)
+
+
+# ---- shared setup: the same lines in sft.py, preference_model.py, ppo_lagrangian.py and evaluate.py ----
+# (tests/test_shared_code.py fails if the copies drift apart)
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+
+
+class InputError(Exception):
+    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
+
+
+def parse_args(args_class, argv=None):
+    """One --flag per dataclass field, its help from the field's metadata; --flag/--no-flag for booleans."""
+    parser = argparse.ArgumentParser(description=sys.modules[args_class.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(args_class):
+        if not f.init:  # derived at run time
+            continue
+        kwargs = {"default": f.default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif getattr(f.type, "__origin__", None) in (tuple, list):
+            kwargs.update(type=f.type.__args__[0], nargs=len(f.type.__args__) if f.type.__origin__ is tuple else "*")
+        else:
+            kwargs["type"] = f.type
+        parser.add_argument(f"--{f.name}", **kwargs)
+    values = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(args_class):
+        if getattr(f.type, "__origin__", None) is tuple and f.init:
+            values[f.name] = tuple(values[f.name])
+    return args_class(**values)
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def load_rows(source, split):
+    """Rows (dicts) of a local .json/.jsonl/.parquet file, or of a hub data set given as NAME or NAME@REVISION."""
+    path = Path(source)
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        if not path.is_file():
+            raise InputError(f"{source}: no such file")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            rows = pq.read_table(path).to_pylist()
+        elif path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise InputError(f"{source}: not valid JSON ({error})") from None
+            if not isinstance(rows, list):
+                raise InputError(f"{source}: a .json file must hold a list of rows")
+        else:
+            rows = []
+            for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{source}, line {line_number}: not valid JSON ({error})") from None
+    elif path.exists():
+        raise InputError(f"{source}: unknown format '{path.suffix}'; use .json, .jsonl or .parquet, or a hub data-set name")
+    else:
+        import datasets
+        name, _, revision = source.partition("@")
+        try:
+            rows = list(datasets.load_dataset(name, split=split, revision=revision or None))
+        except Exception as error:  # offline, unknown name, unknown split, ...
+            raise InputError(f"{source}: not a local file, and loading it from the hub failed: {error}") from None
+    for row_number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise InputError(f"{source}, row {row_number}: expected a JSON object, got {type(row).__name__}")
+    if not rows:
+        raise InputError(f"{source}: no rows")
+    return rows
+
+
+def load_pretrained(model_class, name_or_path, **kwargs):
+    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+
+
+def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
+    """Token ids of the templated prompt (with BOS if the tokenizer adds one) and of ' answer' + EOS, truncated
+    to max_length in total. They are tokenised apart so that every stage sees the same boundary."""
+    prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"][:max_length]
+    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
+
+
+def write_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def start_output_dir(output_dir):
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
+    partial = Path(f"{output_dir}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_output_dir(partial, output_dir):
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    output_dir, old = Path(output_dir), Path(f"{output_dir}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if output_dir.exists():
+        output_dir.rename(old)
+    partial.rename(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+# ---- end of shared setup ----
+
+
+def sft_rows(rows, source):
+    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows."""
+    pairs = []
+    for row_number, row in enumerate(rows, start=1):
+        if "prompt" in row and "response" in row:
+            prompt, response = row["prompt"], row["response"]
+        elif "instruction" in row and "output" in row:
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            response = row["output"]
+        else:
+            raise InputError(f"{source}, row {row_number}: needs the fields 'prompt' and 'response' (or Alpaca's "
+                             f"'instruction' and 'output'); it has {sorted(row)}")
+        for name, value in (("prompt", prompt), ("response", response)):
+            if not isinstance(value, str):
+                raise InputError(f"{source}, row {row_number}, field '{name}': expected a string, got {type(value).__name__}")
+        pairs.append((prompt, response))
+    return pairs
+
+
+def sft_examples(tokenizer, pairs, max_length):
+    """Token ids and labels (-100 on the prompt), dropping rows truncated to nothing of their answer."""
+    examples, dropped = [], 0
+    for prompt, response in pairs:
+        prompt_ids, answer_ids = tokenize_prompt_and_answer(tokenizer, prompt, response, max_length)
+        if not answer_ids:
+            dropped += 1
+            continue
+        examples.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
+    return examples, dropped
+
+
+def collate(examples, pad_token_id):
+    """Right-pad to the longest sequence of the micro-batch."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id)
+    labels = torch.full((len(examples), length), -100)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# ---- Safe RLHF, stage 1 ----
+def sft_loss_sum(logits, labels):
+    # Σ_t -log π(y_t | x, y_<t) over answer tokens (labels != -100); logits at t predict the token at t+1
+    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].flatten()  # (B*(T-1),)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+
+
+def count_answer_tokens(labels):
+    return (labels[:, 1:] != -100).sum()
+
+
+def main():
+    args = parse_args(Args)
+    rank, args.world_size, device = setup_distributed()
+    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    seed_everything(args.seed + rank)
+    use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # ---- data: everything is checked before anything is written ----
+    tokenizer = load_pretrained(AutoTokenizer, args.model_name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"{args.model_name_or_path}: the tokenizer has no EOS token; every answer must end with one")
+    added_pad = tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id
+    if added_pad:  # score models find the EOS as the last non-pad token, so pad must differ from EOS
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    train_examples, dropped = sft_examples(tokenizer, sft_rows(load_rows(args.train_data, args.train_split), args.train_data), args.max_length)
+    eval_examples = []
+    if args.eval_data:
+        eval_examples, _ = sft_examples(tokenizer, sft_rows(load_rows(args.eval_data, args.eval_split), args.eval_data), args.max_length)
+    if len(train_examples) < args.global_batch_size:
+        raise InputError(f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch ({args.global_batch_size})")
+
+    # ---- model ----
+    if args.from_scratch:
+        model = AutoModelForCausalLM.from_config(load_pretrained(AutoConfig, args.model_name_or_path))
+    else:
+        model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, dtype=torch.float32)
+    if added_pad:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # broadcasts rank 0's weights
+
+    sampler = DistributedSampler(train_examples, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(train_examples, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
+    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on norms and biases
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=args.adam_betas)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.lr_warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    partial = start_output_dir(args.output_dir) if rank == 0 else None
+    if rank == 0:
+        print(f"sft: {len(train_examples)} training rows ({dropped} dropped: truncated to no answer token), "
+              f"{len(eval_examples)} eval rows, world size {args.world_size}, global batch {args.global_batch_size}, "
+              f"{total_steps} optimiser steps, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, bf16 {use_bf16}")
+
+    def evaluate():
+        # token-weighted mean loss over the whole eval set: each rank takes every world_size-th row, no padding
+        model.eval()
+        totals = torch.zeros(2, device=device)  # (loss sum, tokens)
+        shard = eval_examples[rank :: args.world_size]
+        with torch.no_grad(), autocast:
+            for start in range(0, len(shard), args.per_device_eval_batch_size):
+                batch = {k: v.to(device) for k, v in collate(shard[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id).items()}
+                logits = model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                totals += torch.stack([sft_loss_sum(logits, batch["labels"]), count_answer_tokens(batch["labels"])])
+        dist.all_reduce(totals)
+        model.train()
+        return (totals[0] / totals[1]).item()
+
+    # ---- training loop ----
+    model.train()
+    progress = tqdm(total=total_steps, desc="sft", disable=rank != 0)
+    step, start_time = 0, time.time()
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
+        micro_batches = iter(loader)
+        for _ in range(steps_per_epoch):
+            if step == total_steps:
+                break
+            batches = [{k: v.to(device) for k, v in next(micro_batches).items()} for _ in range(args.gradient_accumulation_steps)]
+            # The loss is a mean over every answer token of the global batch, so count them first.
+            global_tokens = sum(count_answer_tokens(b["labels"]) for b in batches)
+            dist.all_reduce(global_tokens)
+            local_loss_sum = torch.zeros((), device=device)
+            for i, batch in enumerate(batches):
+                # Only the last micro-step all-reduces gradients; the others accumulate locally (no_sync).
+                last = i == len(batches) - 1
+                with nullcontext() if last else model.no_sync(), autocast:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss_sum = sft_loss_sum(logits, batch["labels"])
+                # DDP averages gradients over ranks; × world_size turns that average into Σ / global_tokens.
+                (loss_sum * args.world_size / global_tokens).backward()
+                local_loss_sum += loss_sum.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            dist.all_reduce(local_loss_sum)
+            train_loss = (local_loss_sum / global_tokens).item()
+            if not math.isfinite(train_loss):
+                raise RuntimeError(f"the training loss became {train_loss} at step {step}; lower --lr or check the data")
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.4f}")
+            if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
+                write_jsonl(partial / "metrics.jsonl", {
+                    "step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm.item(), "train/tokens": global_tokens.item(),
+                    "train/elapsed_seconds": round(time.time() - start_time, 2)})
+        if eval_examples:
+            eval_loss = evaluate()
+            if rank == 0:
+                progress.write(f"epoch {epoch + 1}: eval/loss {eval_loss:.4f}")
+                write_jsonl(partial / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "eval/loss": eval_loss})
+        if step == total_steps:
+            break
+    progress.close()
+
+    # ---- save: a Hugging Face checkpoint, written to OUTPUT_DIR.partial and renamed when complete ----
+    if rank == 0:
+        model.module.config.use_cache = True
+        model.module.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        finish_output_dir(partial, args.output_dir)
+        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s)")
+    dist.barrier()
+    dist.destroy_process_group()
+    return model.module  # for tests that compare ranks
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the stage scripts are importable modules: `import sft`
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory):
+    """A short SFT run from scratch on the toy world, shared by the tests of the later stages."""
+    from helpers import TINY_LLAMA, TOY, run_script
+    output_dir = tmp_path_factory.mktemp("sft") / "model"
+    run_script("sft.py", "--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl",
+               "--output_dir", output_dir, "--epochs", 3, "--lr", 2e-3, "--lr_warmup_ratio", 0.03,
+               "--per_device_train_batch_size", 32, "--gradient_accumulation_steps", 1, "--max_length", 128,
+               "--no-gradient_checkpointing", "--seed", 0)
+    return output_dir

@@ -1,0 +1,138 @@
+"""sft.py: the masked cross-entropy, accumulation/DDP invariance, a real run that learns, and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sft
+from helpers import REPO, TINY_LLAMA, TOY, run_and_dump
+
+
+def test_sft_loss_matches_hand_computation():
+    # one sequence of 4 tokens, vocabulary of 3; the first two tokens are the prompt (label -100)
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [2.0, 0.0, 0.0], [5.0, 5.0, 5.0]]])
+    labels = torch.tensor([[-100, -100, 2, 0]])
+    # the logits at position t predict token t+1: position 1 -> token 2, position 2 -> token 0
+    expected = -(3.0 - math.log(math.e**1 + math.e**2 + math.e**3)) - (2.0 - math.log(math.e**2 + 2.0))
+    assert sft.sft_loss_sum(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert sft.count_answer_tokens(labels).item() == 2
+
+
+def test_prompt_tokens_contribute_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5, requires_grad=True)
+    labels = torch.tensor([[-100, -100, -100, 1, 4, 2], [-100, -100, 3, 0, -100, -100]])
+    sft.sft_loss_sum(logits, labels).backward()
+    # positions 0 and 1 of row 0 predict prompt tokens; position 0 of row 1 too; the last position predicts nothing
+    assert logits.grad[0, :2].abs().max() == 0 and logits.grad[1, :1].abs().max() == 0
+    assert logits.grad[:, -1].abs().max() == 0 and logits.grad[1, 4:].abs().max() == 0
+    assert logits.grad[0, 2:5].abs().min() > 0
+    # and changing the prompt's labels or logits leaves the loss unchanged
+    before = sft.sft_loss_sum(logits.detach(), labels)
+    changed = logits.detach().clone()
+    changed[0, :2] += 10.0
+    assert sft.sft_loss_sum(changed, labels) == before
+
+
+def test_examples_mask_exactly_the_prompt():
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    examples, dropped = sft.sft_examples(tokenizer, [("How do I bake bread?", "Sure! Mix, knead and bake.")], max_length=128)
+    prompt_ids = tokenizer(sft.PROMPT_TEMPLATE.format(prompt="How do I bake bread?"))["input_ids"]
+    example = examples[0]
+    assert dropped == 0 and example["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert example["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert example["labels"][len(prompt_ids) :] == example["input_ids"][len(prompt_ids) :]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example["input_ids"][len(prompt_ids) : -1]).strip() == "Sure! Mix, knead and bake."
+    # a row whose prompt alone fills max_length keeps no answer token and is dropped
+    examples, dropped = sft.sft_examples(tokenizer, [("word " * 200, "an answer")], max_length=32)
+    assert examples == [] and dropped == 1
+
+
+def test_alpaca_rows_are_accepted():
+    pairs = sft.sft_rows([{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi", "response": "Hello"}], "x.jsonl")
+    assert pairs == [("Add\n\n2 and 3", "5"), ("Hi", "Hello")]
+
+
+def test_accumulation_and_ddp_give_the_same_step(tmp_path):
+    """One optimiser step over the same global batch of 8: (1 process, 1 micro-step of 8),
+    (1 process, 4 micro-steps of 2), (2 processes, 2 micro-steps of 2) give the same parameters."""
+    common = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--max_steps", 1,
+              "--lr_scheduler", "constant", "--lr_warmup_ratio", 0, "--max_length", 96, "--no-gradient_checkpointing",
+              "--no-bf16", "--seed", 0]
+    runs = {"full": (1, 8, 1, 1e-3), "accumulate": (1, 2, 4, 1e-3), "ddp": (2, 2, 2, 1e-3), "initial": (1, 8, 1, 0.0)}
+    for name, (nproc, batch, accumulation, lr) in runs.items():
+        run_and_dump("sft.py", tmp_path / name, *common, "--output_dir", tmp_path / f"out-{name}", "--lr", lr,
+                     "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation, nproc=nproc)
+    load = lambda name, rank=0: torch.load(tmp_path / name / f"rank{rank}.pt")["model"]
+    full, initial = load("full"), load("initial")
+    moved = max((full[k] - initial[k]).abs().max().item() for k in full)
+    assert moved > 1e-4  # the step really changed the weights, so agreeing below is meaningful
+    for name in ("accumulate", "ddp"):
+        other = load(name)
+        assert max((full[k] - other[k]).abs().max().item() for k in full) < 1e-5, name
+    rank0, rank1 = load("ddp", 0), load("ddp", 1)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_short_run_learns_and_checkpoint_generates(sft_checkpoint):
+    records = [json.loads(line) for line in (sft_checkpoint / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+    args = json.loads((sft_checkpoint / "args.json").read_text())
+    assert args["from_scratch"] and args["global_batch_size"] == 32
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(sft_checkpoint)
+    sys.path.insert(0, str(REPO / "data"))
+    from toy_world import judge
+    prompts = [json.loads(line)["prompt"] for line in (TOY / "eval_prompts.jsonl").read_text().splitlines()[:20]]
+    recognised = 0
+    for prompt in prompts:
+        input_ids = torch.tensor([tokenizer(sft.PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]])
+        output = model.generate(input_ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+        recognised += judge(prompt, answer)["archetype"] != "other"
+    assert recognised >= 16, f"only {recognised}/20 greedy answers are answers of the toy world"
+
+
+def _bad_input_cases(tmp_path):
+    good = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl"]
+    (tmp_path / "rows.csv").write_text("prompt,response\nhi,hello\n")
+    (tmp_path / "missing_field.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    (tmp_path / "bad_json.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n')
+    (tmp_path / "wrong_type.jsonl").write_text('{"prompt": "a", "response": 7}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    return {
+        "missing file": (["--train_data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
+        "unknown format": (["--train_data", tmp_path / "rows.csv"], ["rows.csv", "unknown format '.csv'"]),
+        "missing field": (["--train_data", tmp_path / "missing_field.jsonl"], ["missing_field.jsonl, row 2", "'response'"]),
+        "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl, line 3", "not valid JSON"]),
+        "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "expected a string"]),
+        "empty": (["--train_data", tmp_path / "empty.jsonl"], ["empty.jsonl: no rows"]),
+        "missing model": (["--model_name_or_path", tmp_path / "no-such-model"], ["no-such-model", "cannot load"]),
+        "missing eval file": (["--eval_data", tmp_path / "eval.json"], ["eval.json", "no such file"]),
+    }, good
+
+
+def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path):
+    cases, good = _bad_input_cases(tmp_path)
+    processes = {}
+    for name, (bad, _) in cases.items():
+        output_dir = tmp_path / name.replace(" ", "_")
+        command = [sys.executable, "sft.py", *map(str, good + bad), "--output_dir", str(output_dir)]
+        processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), output_dir)
+    for name, (process, output_dir) in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1, (name, stderr[-2000:])
+        last_line = stderr.strip().splitlines()[-1]
+        assert last_line.startswith("error: "), (name, stderr[-2000:])
+        for expected in cases[name][1]:
+            assert expected in last_line, (name, last_line)
+        assert not output_dir.exists() and not output_dir.with_name(output_dir.name + ".partial").exists(), name
