@@ -136,11 +136,14 @@ def parse_args(args_class, argv=None):
     for f in dataclasses.fields(args_class):
         if not f.init:  # derived at run time
             continue
-        kwargs = {"default": f.default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs = {"default": default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
         if f.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif getattr(f.type, "__origin__", None) in (tuple, list):
-            kwargs.update(type=f.type.__args__[0], nargs=len(f.type.__args__) if f.type.__origin__ is tuple else "*")
+        elif getattr(f.type, "__origin__", None) is tuple:
+            kwargs.update(type=f.type.__args__[0], nargs=len(f.type.__args__))
+        elif getattr(f.type, "__origin__", None) is list:  # --name a b, or --name a --name b
+            kwargs.update(type=f.type.__args__[0], nargs="+", action="extend")
         else:
             kwargs["type"] = f.type
         parser.add_argument(f"--{f.name}", **kwargs)

@@ -82,17 +82,6 @@ def test_score_is_read_at_the_eos_whatever_the_padding():
         assert score == pytest.approx(at_eos, abs=1e-5), name
 
 
-@pytest.fixture(scope="module")
-def preference_models(sft_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("preference")
-    common = ["--model_name_or_path", sft_checkpoint, "--train_data", TOY / "preference_train.jsonl", "--eval_data",
-              TOY / "preference_test.jsonl", "--epochs", 2, "--lr", 5e-4, "--per_device_train_batch_size", 16,
-              "--max_length", 128, "--no-gradient_checkpointing", "--seed", 0]
-    for objective in ("reward", "cost"):
-        run_script("preference_model.py", "--objective", objective, "--output_dir", out / objective, *common)
-    return out
-
-
 def test_reward_model_learns_the_toy_world(preference_models):
     metrics = json.loads((preference_models / "reward" / "eval.json").read_text())
     assert metrics["eval/accuracy"] >= 0.95, metrics
