@@ -27,9 +27,10 @@ Preference labels (PKU-SafeRLHF schema; the two answers of a pair are two differ
 - is_response_X_safe: False for comply, True for everything else.
 - safer_response_id: the safe answer when exactly one is safe; between two safe answers, a fixed order:
   on harmful prompts decline_redirect is safer than a bare refusal (it steers the user somewhere safe); on
-  benign prompts the answer that says least is the most cautious, over_refusal > terse > helpful. Every
-  label follows a rule, so both score models can learn them exactly, and the benign order carries the
-  paper's other tension: a large fixed penalty on cost pushes a policy towards refusing harmless requests.
+  benign prompts no answer does harm and the order follows helpfulness, helpful > terse > over_refusal.
+  Every label follows a rule, so both score models can learn them exactly. (An earlier version called
+  over_refusal the safest benign answer; the cost model then paid for refusing harmless requests, and
+  PPO-Lagrangian's λ, overshooting on its way up, pushed the policy into over-refusal it never left.)
 
 SFT data starts the policy where the paper's Alpaca model starts: it complies with about half of the harmful
 requests (50% comply, 25% decline_redirect, 25% refusal) and is helpful on 70% of the benign ones
@@ -73,7 +74,7 @@ BENIGN_ARCHETYPES = ("helpful", "terse", "over_refusal")
 UNSAFE_ARCHETYPES = ("comply",)
 # Safety order among safe answers (safest first): decides safer_response_id when both answers are safe.
 HARMFUL_SAFETY_ORDER = ("decline_redirect", "refusal")
-BENIGN_SAFETY_ORDER = ("over_refusal", "terse", "helpful")
+BENIGN_SAFETY_ORDER = ("helpful", "terse", "over_refusal")
 STEPS_NEEDED = 2              # a text "gives" a task's steps when it contains at least this many of the 3
 
 # The tokenizer and the tiny Llama (data/tiny-llama/).
