@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The whole Safe RLHF pipeline on the toy world, one stage after another (paper Fig. 1):
+#
+#   1. SFT          a tiny Llama from scratch on {prompt, response} rows           -> OUT/sft
+#   2. preference   the reward model (helpfulness) and the cost model (harmlessness) -> OUT/reward, OUT/cost
+#   3. RL           three policies from the same SFT model:
+#                     ppo             reward only                                  -> OUT/ppo
+#                     reward_shaping  end reward R - λ0·C with a fixed λ0            -> OUT/reward_shaping
+#                     ppo_lag         PPO-Lagrangian: max R  s.t.  E[C] <= d         -> OUT/ppo_lag
+#   4. evaluation   all four policies answer the held-out prompts; the reward and cost models and the toy
+#                   world's oracle judge every answer                              -> OUT/eval
+#
+# Usage:
+#   bash run_pipeline.sh [--data DIR] [--out DIR] [--seed N] [--smoke]
+#     --data   a directory with sft.jsonl, preference_train.jsonl, preference_test.jsonl, prompts.jsonl and
+#              eval_prompts.jsonl (default data/toy; data/toy_world.py writes them)
+#     --out    where every stage writes (default runs/toy)
+#     --seed   the seed of every stage (default 0)
+#     --smoke  a few steps per stage: checks that everything runs and every file appears (tests use it)
+#
+# Every stage runs under torchrun with one process per GPU, or one process on a CPU-only machine. The global
+# batch sizes stay the same whatever the number of processes (each is divided by it).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA=data/toy
+OUT=runs/toy
+SEED=0
+SMOKE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) DATA=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    *) echo "error: unknown argument '$1' (expected --data DIR, --out DIR, --seed N or --smoke)" >&2; exit 1 ;;
+  esac
+done
+for file in sft.jsonl preference_train.jsonl preference_test.jsonl prompts.jsonl eval_prompts.jsonl; do
+  [ -f "$DATA/$file" ] || { echo "error: $DATA/$file: no such file (run python data/toy_world.py, or give --data DIR)" >&2; exit 1; }
+done
+
+# one process per GPU, or one on a CPU-only machine
+NPROC=1
+if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+  NPROC=$(nvidia-smi -L | wc -l)
+fi
+RUN="torchrun --standalone --nproc_per_node=$NPROC"
+per_device() { echo $(( $1 / NPROC > 0 ? $1 / NPROC : 1 )); }  # a global batch size, split over the processes
+
+# the stage settings of the toy world (see README.md, "Results"); --smoke cuts every stage to a few steps
+SFT_STEPS=-1; PREFERENCE_STEPS=-1; PPO_STEPS=-1; EVAL_PROMPTS=-1
+if [ "$SMOKE" = 1 ]; then SFT_STEPS=3; PREFERENCE_STEPS=3; PPO_STEPS=2; EVAL_PROMPTS=8; fi
+COMMON=(--max_length 128 --no-gradient_checkpointing --seed "$SEED")
+PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "$OUT/cost" --prompt_data "$DATA/prompts.jsonl"
+            --epochs 2 --max_steps "$PPO_STEPS" --max_new_tokens 48 --per_device_prompt_batch_size "$(per_device 32)"
+            --per_device_train_batch_size "$(per_device 16)" --update_iters 2 --actor_lr 1e-4 --critic_lr 1e-4
+            --kl_coeff 0.05 --episode_cost_window_size 64 "${COMMON[@]}")
+JUDGE=()
+if [ "$(realpath "$DATA")" = "$(realpath data/toy)" ]; then JUDGE=(--judge toy); fi  # the oracle knows only the toy world
+
+mkdir -p "$OUT"
+TIMES="$OUT/timings.txt"
+: > "$TIMES"
+stage() {  # stage NAME COMMAND...: run it, and record how long it took
+  local name=$1 start=$SECONDS
+  shift
+  echo "==== $name: $*"
+  "$@"
+  echo "$name $(( SECONDS - start )) s" | tee -a "$TIMES"
+}
+
+# 1. SFT
+stage sft $RUN sft.py --model_name_or_path data/tiny-llama --from_scratch --train_data "$DATA/sft.jsonl" \
+  --output_dir "$OUT/sft" --epochs 8 --max_steps "$SFT_STEPS" --lr 3e-3 --lr_warmup_ratio 0.03 \
+  --per_device_train_batch_size "$(per_device 32)" --gradient_accumulation_steps 1 "${COMMON[@]}"
+
+# 2. the reward model and the cost model, both from the SFT model
+for objective in reward cost; do
+  stage "$objective" $RUN preference_model.py --objective "$objective" --model_name_or_path "$OUT/sft" \
+    --train_data "$DATA/preference_train.jsonl" --eval_data "$DATA/preference_test.jsonl" --output_dir "$OUT/$objective" \
+    --epochs 1 --max_steps "$PREFERENCE_STEPS" --lr 5e-4 --per_device_train_batch_size "$(per_device 16)" "${COMMON[@]}"
+done
+
+# 3. three policies from the same SFT model
+stage ppo $RUN ppo_lagrangian.py --algorithm ppo --output_dir "$OUT/ppo" "${PPO_COMMON[@]}"
+stage reward_shaping $RUN ppo_lagrangian.py --algorithm reward_shaping --lambda_init 0.1 --output_dir "$OUT/reward_shaping" "${PPO_COMMON[@]}"
+stage ppo_lag $RUN ppo_lagrangian.py --algorithm ppo_lag --cost_limit -8.0 --lambda_init 1.0 --lambda_lr 0.02 \
+  --output_dir "$OUT/ppo_lag" "${PPO_COMMON[@]}"
+
+# 4. evaluation of all four on the held-out prompts (sampled answers, as the policies would answer)
+stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_shaping="$OUT/reward_shaping" ppo_lag="$OUT/ppo_lag" \
+  --prompt_data "$DATA/eval_prompts.jsonl" --max_prompts "$EVAL_PROMPTS" --preference_data "$DATA/preference_test.jsonl" \
+  --reward_model "$OUT/reward" --cost_model "$OUT/cost" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48 \
+  --per_device_batch_size 50 --seed "$SEED" --output_dir "$OUT/eval"
+
+cp "$OUT/eval/training_curves.png" "$OUT/training_curves.png"
+echo
+echo "==== results (seed $SEED; every table in $OUT/eval/report.md)"
+sed -n '/^## Policies/,/^## Arena/p' "$OUT/eval/report.md" | sed '$d'
+echo "==== time per stage"
+cat "$TIMES"
+echo "total $(awk '{ total += $2 } END { print total }' "$TIMES") s"

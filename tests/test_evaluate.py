@@ -1,0 +1,214 @@
+"""evaluate.py: Elo, the arena and the rates by hand; a run on tiny models whose results.json agrees with its
+answers.jsonl; two ranks giving the same greedy results as one; seeded sampling; and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import evaluate as ev
+from helpers import REPO, TINY_LLAMA, TOY, run_script
+
+OUTPUTS = ("answers.jsonl", "results.json", "report.md", "args.json", "reward_vs_cost.png", "policy_bars.png", "elo.png", "score_histogram.png")
+
+
+# ---- the pure functions ----
+def test_elo_ratings_match_hand_computation():
+    # one pass in the given order, K = 32: a beats b, then b and a draw
+    ratings = ev.elo_ratings([("a", "b", 1.0), ("b", "a", 0.5)], k=32, initial=1000, rounds=0)
+    a, b = 1000 + 32 * (1 - 0.5), 1000 - 32 * (1 - 0.5)  # equal ratings: expected score 0.5
+    expected_b = 1 / (1 + 10 ** ((a - b) / 400))  # 1016 vs 984
+    a, b = a - 32 * (0.5 - expected_b), b + 32 * (0.5 - expected_b)
+    assert ratings == pytest.approx({"a": a, "b": b}, abs=1e-9)
+    assert b == pytest.approx(985.4697, abs=1e-3)
+    # averaged over shuffled orders: both orders of these two matches, each weighted by how often it was drawn
+    draw_first = ev.elo_ratings([("b", "a", 0.5), ("a", "b", 1.0)], k=32, initial=1000, rounds=0)
+    assert draw_first == {"a": 1016, "b": 984}  # a draw at equal ratings moves nothing
+    shuffled = ev.elo_ratings([("a", "b", 1.0), ("b", "a", 0.5)], k=32, initial=1000, rounds=50, seed=3)
+    assert a < shuffled["a"] < 1016  # a mean of the two orders' results
+    assert shuffled["a"] + shuffled["b"] == pytest.approx(2000)  # Elo moves points between players, it makes none
+
+
+def test_elo_a_player_that_wins_every_match_ranks_first():
+    matches = [("b", "c", 1.0), ("b", "c", 0.0), ("b", "c", 0.5)] * 5
+    for opponent in ("b", "c"):  # a wins every match, whichever side of the pair it sits on
+        matches += [("a", opponent, 1.0)] * 10 + [(opponent, "a", 0.0)] * 10
+    ratings = ev.elo_ratings(matches, k=4, initial=1000, rounds=20, seed=0)
+    assert max(ratings, key=ratings.get) == "a" and ratings["a"] > 1000 > ratings["b"]
+    assert sum(ratings.values()) == pytest.approx(3000)
+
+
+def test_elo_ratings_are_the_same_across_runs():
+    scores = {"sft": [0.3, -1.0, 2.0, 0.5, 0.1, 0.0], "ppo": [0.9, -0.5, 1.0, 0.5, 0.2, 1.0], "rs": [0.1, 0.0, 3.0, -2.0, 0.3, 0.0]}
+    matches = ev.pairwise_matches(scores)
+    first = ev.elo_ratings(matches, k=16, rounds=30, seed=7)
+    assert ev.elo_ratings(matches, k=16, rounds=30, seed=7) == first
+    # and in another interpreter, with another hash seed (no set or hash order may leak into the result)
+    code = ("import json, evaluate as ev; s = json.loads(input()); "
+            "print(json.dumps(ev.elo_ratings(ev.pairwise_matches(s), k=16, rounds=30, seed=7)))")
+    other = subprocess.run([sys.executable, "-c", code], input=json.dumps(scores), cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    assert json.loads(other.stdout.strip().splitlines()[-1]) == first
+
+
+def test_pairwise_matches_one_per_prompt_per_pair():
+    matches = ev.pairwise_matches({"x": [1.0, 2.0, 0.0], "y": [0.0, 2.0, 1.0]})
+    assert matches == [("x", "y", 1.0), ("x", "y", 0.5), ("x", "y", 0.0)]
+    matches = ev.pairwise_matches({"x": [1.0, 2.0, 0.0], "y": [0.0, 2.0, 1.0]}, higher_wins=False)  # costs: lower wins
+    assert matches == [("x", "y", 0.0), ("x", "y", 0.5), ("x", "y", 1.0)]
+
+
+def test_arena_counts_by_hand():
+    rewards_a, costs_a = [1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 1.0, 0.0, 0.5, -1.0]
+    rewards_b, costs_b = [2.0, 1.0, 3.0, 6.0, 0.0], [-1.0, 2.0, 0.0, 0.5, -2.0]
+    # prompt 1: better, safe | 2: worse, unsafe | 3: reward tie (not better), cost 0 (safe) | 4: better, unsafe | 5: worse, safe
+    arena = ev.arena_counts(rewards_a, costs_a, rewards_b, costs_b)
+    assert {k: arena[k] for k in ("prompts", "better_safe", "better_unsafe", "worse_safe", "worse_unsafe")} == {
+        "prompts": 5, "better_safe": 1, "better_unsafe": 1, "worse_safe": 2, "worse_unsafe": 1}
+    assert arena["worse_safe_share"] == pytest.approx(0.4)
+    assert arena["helpfulness_win_rate"] == pytest.approx((2 + 0.5) / 5)  # wins on 1 and 4, a tie on 3
+    assert arena["harmlessness_win_rate"] == pytest.approx((2 + 0.5 + 0.5) / 5)  # wins on 1 and 5, ties on 3 and 4
+
+
+def test_rates_by_hand():
+    assert ev.harmful_rate([-1.0, 0.0, 0.1, 2.0]) == 0.5  # cost 0 counts as safe
+    assert ev.sign_accuracy([-1.0, 0.5, 0.2, -0.3], [True, False, True, False]) == 0.5
+    records = [{"reward": 1.0, "cost": 0.5, "length": 4, "oracle_harmful": True, "oracle_helpful": True},
+               {"reward": -1.0, "cost": -0.5, "length": 2, "oracle_harmful": True, "oracle_helpful": False}]
+    assert ev.policy_summary(records) == {"answers": 2, "mean_reward": 0.0, "mean_cost": 0.0, "harmful_rate": 0.5, "mean_length": 3.0,
+                                          "oracle_harmful_rate": 1.0, "oracle_helpful_rate": 0.5, "cost_oracle_agreement": 0.5}
+
+
+# ---- runs on tiny models ----
+@pytest.fixture(scope="module")
+def random_policy(tmp_path_factory):
+    """A second policy: a freshly initialised tiny Llama (it babbles), saved with the toy tokenizer."""
+    path = tmp_path_factory.mktemp("random") / "policy"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
+    return path
+
+
+def evaluate_args(sft_checkpoint, random_policy, preference_models, output_dir):
+    return ["--policy", f"sft={sft_checkpoint}", "--policy", f"random={random_policy}", "--prompt_data", TOY / "eval_prompts.jsonl",
+            "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost", "--preference_data",
+            TOY / "preference_test.jsonl", "--judge", "toy", "--greedy", "--max_prompts", 24, "--max_new_tokens", 48,
+            "--max_length", 128, "--output_dir", output_dir]
+
+
+@pytest.fixture(scope="module")
+def greedy_run(sft_checkpoint, random_policy, preference_models, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("eval") / "one_process"
+    result = run_script("evaluate.py", *evaluate_args(sft_checkpoint, random_policy, preference_models, output_dir))
+    return output_dir, result.stdout
+
+
+def test_a_run_writes_every_output_and_results_agree_with_answers(greedy_run, preference_models):
+    output_dir, stdout = greedy_run
+    for name in OUTPUTS:
+        assert (output_dir / name).stat().st_size > (10_000 if name.endswith(".png") else 10), name
+    assert not output_dir.with_name(output_dir.name + ".partial").exists()
+    results = json.loads((output_dir / "results.json").read_text())
+    lines = [json.loads(line) for line in (output_dir / "answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 24 and results["prompts"] == 24
+    assert all(list(line)[:5] == ["policy", "prompt", "answer", "reward", "cost"] for line in lines)
+    prompts = [json.loads(line)["prompt"] for line in (TOY / "eval_prompts.jsonl").read_text().splitlines()]
+    by_policy = {name: [line for line in lines if line["policy"] == name] for name in ("sft", "random")}
+    for name, answers in by_policy.items():
+        assert [a["prompt"] for a in answers] == prompts[:24]  # every prompt once, in the file's order
+        for subset, kind in (("all", None), ("harmful_prompts", True), ("benign_prompts", False)):
+            chosen = [a for a in answers if kind is None or a["harmful_prompt"] == kind]
+            summary = results["policies"][name][subset]
+            assert summary["answers"] == len(chosen) > 0
+            assert summary["harmful_rate"] == pytest.approx(sum(a["cost"] > 0 for a in chosen) / len(chosen), abs=1e-12)
+            assert summary["mean_reward"] == pytest.approx(sum(a["reward"] for a in chosen) / len(chosen), abs=1e-9)
+            assert summary["mean_cost"] == pytest.approx(sum(a["cost"] for a in chosen) / len(chosen), abs=1e-9)
+            assert summary["oracle_harmful_rate"] == pytest.approx(sum(a["oracle_harmful"] for a in chosen) / len(chosen), abs=1e-12)
+            assert summary["oracle_helpful_rate"] == pytest.approx(sum(a["oracle_helpful"] for a in chosen) / len(chosen), abs=1e-12)
+    # the arena of random (B) against sft (A), recounted from the lines
+    (arena,) = results["arena"]
+    pairs = list(zip(by_policy["sft"], by_policy["random"]))
+    assert (arena["a"], arena["b"]) == ("sft", "random")
+    assert arena["better_safe"] == sum(b["reward"] > a["reward"] and b["cost"] <= 0 for a, b in pairs)
+    assert arena["worse_unsafe"] == sum(b["reward"] <= a["reward"] and b["cost"] > 0 for a, b in pairs)
+    assert sum(arena[c] for c in ("better_safe", "better_unsafe", "worse_safe", "worse_unsafe")) == 24
+    helpfulness = results["elo"]["helpfulness"]
+    assert (helpfulness["random"] > helpfulness["sft"]) == (arena["helpfulness_win_rate"] > 0.5)
+    # the score models on the held-out pairs: the same accuracy preference_model.py measured at the end of training
+    for objective in ("reward", "cost"):
+        trained = json.loads((preference_models / objective / "eval.json").read_text())
+        assert results["score_models"][objective]["accuracy"] == pytest.approx(trained["eval/accuracy"], abs=0.005)
+    assert results["score_models"]["cost"]["sign_accuracy"] == pytest.approx(trained["eval/sign_accuracy"], abs=0.005)
+    # a random network babbles to the end of its budget and never gives a task's steps; the SFT policy stops
+    assert results["policies"]["random"]["all"]["oracle_helpful_rate"] == 0
+    assert results["policies"]["sft"]["all"]["mean_length"] < results["policies"]["random"]["all"]["mean_length"]
+    assert "| sft |" in stdout and "## Arena" in stdout  # the final table on the terminal
+
+
+def test_two_processes_give_the_same_greedy_results(greedy_run, sft_checkpoint, random_policy, preference_models, tmp_path):
+    output_dir, _ = greedy_run
+    run_script("evaluate.py", *evaluate_args(sft_checkpoint, random_policy, preference_models, tmp_path / "two"), nproc=2)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (output_dir, tmp_path / "two"))
+    assert (one.pop("world_size"), two.pop("world_size")) == (1, 2)
+    assert _approx_equal(one, two)
+    answers = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("reward", "cost")} for line in (d / "answers.jsonl").read_text().splitlines()]
+    assert answers(tmp_path / "two") == answers(output_dir)  # the same answers, in the same order
+
+
+def _approx_equal(one, two, path="results"):
+    """Nested equality, floats to 1e-4 (a sequence's score moves in the last bits with the other rows of its batch)."""
+    if isinstance(one, dict):
+        assert isinstance(two, dict) and one.keys() == two.keys(), path
+        return all(_approx_equal(one[k], two[k], f"{path}.{k}") for k in one)
+    if isinstance(one, list):
+        assert isinstance(two, list) and len(one) == len(two), path
+        return all(_approx_equal(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(one, two)))
+    if isinstance(one, float):
+        assert two == pytest.approx(one, abs=1e-4), path
+        return True
+    assert one == two, path
+    return True
+
+
+def test_sampling_is_seeded_per_policy(sft_checkpoint, preference_models, tmp_path):
+    # the same checkpoint under two names (given in one --policy): both are seeded alike, so they answer alike
+    run_script("evaluate.py", "--policy", f"first={sft_checkpoint}", f"second={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl",
+               "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost", "--max_prompts", 8,
+               "--max_new_tokens", 24, "--max_length", 128, "--seed", 5, "--output_dir", tmp_path / "out")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    first, second = [line["answer"] for line in lines[:8]], [line["answer"] for line in lines[8:]]
+    assert first == second and len(set(first)) > 1
+    (arena,) = json.loads((tmp_path / "out" / "results.json").read_text())["arena"]
+    assert arena["helpfulness_win_rate"] == 0.5 and arena["better_safe"] + arena["better_unsafe"] == 0  # all ties
+
+
+def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
+    (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n')
+    reward, cost = preference_models / "reward", preference_models / "cost"
+    scores = ["--reward_model", reward, "--cost_model", cost]
+    prompts = ["--prompt_data", TOY / "eval_prompts.jsonl"]
+    cases = {
+        "missing policy dir": (["--policy", f"sft={tmp_path / 'nowhere'}", *prompts, *scores], ["nowhere", "cannot load"]),
+        "missing score dir": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", tmp_path / "no_reward", "--cost_model", cost], ["no_reward", "cannot load"]),
+        "prompt field": (["--policy", f"sft={sft_checkpoint}", "--prompt_data", tmp_path / "no_prompt.jsonl", *scores], ["no_prompt.jsonl, row 2, field 'prompt': missing"]),
+        "named twice": (["--policy", f"sft={sft_checkpoint}", f"sft={sft_checkpoint}", *prompts, *scores], ["'sft' is given twice"]),
+        "nothing to do": ([*scores], ["nothing to evaluate", "--policy", "--preference_data"]),
+        "no equals": (["--policy", str(sft_checkpoint), *prompts, *scores], ["expected NAME=PATH"]),
+        "swapped models": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", cost, "--cost_model", reward], ["this is a cost model, but it was given as the reward model"]),
+        "no cost model": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", reward], ["needs both --reward_model and --cost_model"]),
+    }
+    processes = {}
+    for name, (args, _) in cases.items():
+        output_dir = tmp_path / name.replace(" ", "_")
+        command = [sys.executable, "evaluate.py", *map(str, args), "--output_dir", str(output_dir)]
+        processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), output_dir)
+    for name, (process, output_dir) in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        last_line = stderr.strip().splitlines()[-1]
+        assert process.returncode == 1 and last_line.startswith("error: "), (name, stderr[-2000:])
+        for expected in cases[name][1]:
+            assert expected in last_line, (name, last_line)
+        assert not output_dir.exists() and not output_dir.with_name(output_dir.name + ".partial").exists(), name
