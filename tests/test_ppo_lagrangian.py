@@ -120,7 +120,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(sft_checkpoint, pr
     before = (output_dir / "model.safetensors").read_bytes()
     result = run_script("ppo_lagrangian.py", "--actor_model", sft_checkpoint, "--reward_model", broken, "--cost_model",
                         preference_models / "cost", *FAST, "--prompt_data", TOY / "prompts.jsonl", "--output_dir", output_dir,
-                        "--max_steps", 2, "--per_device_prompt_batch_size", 4, check=False)
+                        "--max_steps", 2, "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size", 4,
+                        check=False)
     assert result.returncode == 1
     assert "NaN or infinite at rollout 1" in result.stderr and "stopping before the update" in result.stderr
     assert (output_dir / "model.safetensors").read_bytes() == before

@@ -99,7 +99,7 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["objective"] == objective and config["num_labels"] == 1 and config["pad_token_id"] != config["eos_token_id"]
+    assert config["objective"] == objective and len(config["id2label"]) == 1 and config["pad_token_id"] != config["eos_token_id"]
     assert config["score_std"] > 0 and math.isfinite(config["score_mean"])
     # recompute the eval accuracy with the reloaded model, through plain transformers (no position ids of ours)
     rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()]
