@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import (SingleProcess, TOY, common_arguments, free_memory, median, patched, report, run_main, save_record, sft_checkpoint, sync)
+from common import (TOY, common_arguments, free_memory, median, patched, report, run_main, save_record, sft_checkpoint, sync)
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -52,8 +52,7 @@ def run_ours(args, model_dir, run_dir):
             "--lr", args.lr, "--weight_decay", 0.0, "--adam_betas", 0.9, 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine",
             "--lr_warmup_ratio", 0.03, "--regularization", REGULARIZATION, "--no-gradient_checkpointing", "--logging_steps", 1,
             "--bf16" if args.bf16 else "--no-bf16"]
-    ddp = {"DDP": SingleProcess} if args.no_ddp_single_process else {}
-    with patched(pm, **ddp, write_jsonl=write_jsonl, collate_pairs=collate_pairs):
+    with patched(pm, write_jsonl=write_jsonl, collate_pairs=collate_pairs):
         result = run_main(pm, argv)
     del result
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -131,7 +130,7 @@ def main():
         print(f"repeat {repeat + 1}/{args.repeats}: ours {ours[-1]:,.1f} pairs/s, TRL {theirs[-1]:,.1f} pairs/s "
               f"(timed tokens/s: ours {ours_tokens[-1]:,.0f}, TRL {theirs_tokens[-1]:,.0f})", flush=True)
 
-    extra = {"ours_variant": "no DDP wrapper (proposed fix)" if args.no_ddp_single_process else "as committed", "size": args.size, "batch_size_pairs": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps,
+    extra = {"size": args.size, "batch_size_pairs": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps,
              "warmup_steps": args.warmup, "bf16": args.bf16, "ours_tokens_per_s": round(median(ours_tokens)),
              "trl_tokens_per_s": round(median(theirs_tokens))}
     save_record(report("Reward-model training throughput (preference pairs/s)", "pairs/s", ours, theirs, 1.2, extra=extra), args.json)

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import (SingleProcess, H100_BF16_DENSE_FLOPS, SIZES, TOY, common_arguments, config_dir, count_parameters, device, free_memory,
+from common import (H100_BF16_DENSE_FLOPS, SIZES, TOY, common_arguments, config_dir, count_parameters, device, free_memory,
                     median, patched, report, run_main, save_record, sync)
 
 import torch
@@ -51,8 +51,7 @@ def run_ours(args, model_dir, run_dir):
             "--gradient_accumulation_steps", 1, "--max_length", args.max_length, "--lr", args.lr, "--weight_decay", 0.0,
             "--adam_betas", 0.9, 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine", "--lr_warmup_ratio", 0.03,
             "--no-gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no-bf16"]
-    ddp = {"DDP": SingleProcess} if args.no_ddp_single_process else {}
-    with patched(sft, **ddp, write_jsonl=write_jsonl, collate=collate):
+    with patched(sft, write_jsonl=write_jsonl, collate=collate):
         model = run_main(sft, argv)
     n_params = count_parameters(model)
     del model
@@ -134,7 +133,7 @@ def main():
         print(f"repeat {repeat + 1}/{args.repeats}: ours {ours[-1]:,.0f} tokens/s, TRL {theirs[-1]:,.0f} tokens/s "
               f"(timed tokens: ours {our_tokens}, TRL {their_tokens})", flush=True)
 
-    extra = {"ours_variant": "no DDP wrapper (proposed fix)" if args.no_ddp_single_process else "as committed", "size": args.size, "parameters": n_params, "batch_size": args.batch_size, "max_length": args.max_length,
+    extra = {"size": args.size, "parameters": n_params, "batch_size": args.batch_size, "max_length": args.max_length,
              "timed_steps": args.steps, "warmup_steps": args.warmup, "bf16": args.bf16, "device_type": device().type,
              "pad_share": round(1 - median(ours) / median(ours_padded), 3)}
     if torch.cuda.is_available():

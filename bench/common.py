@@ -129,22 +129,6 @@ def patched(target, **replacements):
             setattr(target, name, value)
 
 
-class SingleProcess(torch.nn.Module):
-    """Stands in for DistributedDataParallel in a world of one process (the fix proposed in bench/README.md): the
-    same .module and .no_sync() that the scripts use, without DDP's gradient buckets and all-reduce."""
-
-    def __init__(self, module, **_):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    @contextmanager
-    def no_sync(self):
-        yield
-
-
 def run_main(module, argv):
     """Run a stage script's main() in this process, as `python SCRIPT ARGV...` would."""
     saved = sys.argv
@@ -187,7 +171,5 @@ def common_arguments(parser, default_size):
     parser.add_argument("--size", default=default_size, choices=sorted(SIZES), help="Llama config (see bench/common.py)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (alternating sides)")
     parser.add_argument("--scratch", default=os.environ.get("BENCH_SCRATCH", "/tmp/bench"), help="where models and runs go")
-    parser.add_argument("--no_ddp_single_process", action="store_true",
-                        help="try the proposed fix on our side: no DDP wrapper when the world is one process")
     parser.add_argument("--json", default="", help="append the result as one JSON line to this file")
     return parser
