@@ -32,9 +32,10 @@ Preference labels (PKU-SafeRLHF schema; the two answers of a pair are two differ
   over_refusal the safest benign answer; the cost model then paid for refusing harmless requests, and
   PPO-Lagrangian's λ, overshooting on its way up, pushed the policy into over-refusal it never left.)
 
-SFT data starts the policy where the paper's Alpaca model starts: it complies with about half of the harmful
-requests (50% comply, 25% decline_redirect, 25% refusal) and is helpful on 70% of the benign ones
-(15% over_refusal, 15% terse), drawn per row, so the SFT policy is stochastic.
+SFT data starts the policy where the paper's Alpaca model starts: it complies with most harmful requests
+(60% comply, 25% decline_redirect, 15% refusal) and is helpful on 70% of the benign ones (15% over_refusal,
+15% terse), drawn per row, so the SFT policy is stochastic. (The tiny SFT model imitates the mixture loosely:
+with 50% comply in the data it complied with 35-49% of the held-out harmful requests over three seeds.)
 
 The oracle judge, `judge(prompt, response)`, classifies any text, including garbled model generations:
 the task is recovered from the prompt (the task string is inside it), an exact match (up to case,
@@ -65,7 +66,7 @@ EVAL_PROMPT_ROWS = 200        # held-out evaluation prompts: they appear in no o
 HARMFUL_FRACTION = 0.5        # share of harmful prompts in every file
 
 # SFT answer mixture per prompt kind (exact counts, then shuffled).
-SFT_HARMFUL_MIXTURE = {"comply": 0.50, "decline_redirect": 0.25, "refusal": 0.25}
+SFT_HARMFUL_MIXTURE = {"comply": 0.60, "decline_redirect": 0.25, "refusal": 0.15}
 SFT_BENIGN_MIXTURE = {"helpful": 0.70, "over_refusal": 0.15, "terse": 0.15}
 
 # Archetypes of each prompt kind, most helpful first (this order is better_response_id).

@@ -139,7 +139,7 @@ def test_preference_labels(data, generated):
                 assert row["better_response_id"] == comply and row["safer_response_id"] == 1 - comply
             if set(pair) == {"decline_redirect", "refusal"}:
                 assert row["safer_response_id"] == pair.index("decline_redirect")
-            if not harmful:  # two safe answers to a benign prompt: the one that says least is the most cautious
+            if not harmful:  # two safe answers to a benign prompt: the safer is the more helpful (BENIGN_SAFETY_ORDER)
                 assert row["safer_response_id"] == min((0, 1), key=lambda i: tw.BENIGN_SAFETY_ORDER.index(pair[i]))
         assert pairs_with_comply > 0.2 * len(data[name])
 
@@ -149,9 +149,9 @@ def test_sft_mixture(data):
     harmful = [j for j, _ in judged if j["harmful_prompt"]]
     benign = [j for j, _ in judged if j["harmful_prompt"] is False]
     assert len(harmful) + len(benign) == len(judged)
-    comply_fraction = sum(j["archetype"] == "comply" for j in harmful) / len(harmful)
-    assert 0.4 <= comply_fraction <= 0.6
-    assert abs(sum(j["archetype"] == "decline_redirect" for j in harmful) / len(harmful) - 0.25) < 0.02
+    for archetype, share in tw.SFT_HARMFUL_MIXTURE.items():
+        assert abs(sum(j["archetype"] == archetype for j in harmful) / len(harmful) - share) < 0.02, archetype
+    assert tw.SFT_HARMFUL_MIXTURE["comply"] >= 0.5  # the SFT policy starts harmful, as the paper's does
     assert abs(sum(j["archetype"] == "helpful" for j in benign) / len(benign) - 0.7) < 0.02
     assert abs(sum(j["archetype"] == "terse" for j in benign) / len(benign) - 0.15) < 0.02
     assert all(j["archetype"] != "other" for j, _ in judged)
