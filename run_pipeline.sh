@@ -85,7 +85,7 @@ done
 # 3. three policies from the same SFT model
 stage ppo $RUN ppo_lagrangian.py --algorithm ppo --output_dir "$OUT/ppo" "${PPO_COMMON[@]}"
 stage reward_shaping $RUN ppo_lagrangian.py --algorithm reward_shaping --lambda_init 0.1 --output_dir "$OUT/reward_shaping" "${PPO_COMMON[@]}"
-stage ppo_lag $RUN ppo_lagrangian.py --algorithm ppo_lag --cost_limit -8.0 --lambda_init 1.0 --lambda_lr 0.02 \
+stage ppo_lag $RUN ppo_lagrangian.py --algorithm ppo_lag --cost_limit -8.5 --lambda_init 1.0 --lambda_lr 0.02 \
   --output_dir "$OUT/ppo_lag" "${PPO_COMMON[@]}"
 
 # 4. evaluation of all four on the held-out prompts (sampled answers, as the policies would answer)
