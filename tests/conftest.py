@@ -24,11 +24,12 @@ def sft_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def preference_models(sft_checkpoint, tmp_path_factory):
-    """The reward model and the cost model trained from the shared SFT checkpoint (OUT/reward, OUT/cost)."""
+    """The reward model and the cost model trained from the shared SFT checkpoint (OUT/reward, OUT/cost). 120 steps,
+    about half an epoch: both reach full training accuracy within 60 steps, and CI must stay under 15 minutes."""
     from helpers import TOY, run_script
     out = tmp_path_factory.mktemp("preference")
     common = ["--model_name_or_path", sft_checkpoint, "--train_data", TOY / "preference_train.jsonl", "--eval_data",
-              TOY / "preference_test.jsonl", "--epochs", 1, "--lr", 5e-4, "--per_device_train_batch_size", 16,
+              TOY / "preference_test.jsonl", "--epochs", 1, "--max_steps", 120, "--lr", 5e-4, "--per_device_train_batch_size", 16,
               "--max_length", 128, "--no-gradient_checkpointing", "--seed", 0]
     for objective in ("reward", "cost"):
         run_script("preference_model.py", "--objective", objective, "--output_dir", out / objective, *common)
