@@ -1,8 +1,10 @@
-"""Tests of the toy safety world (data/toy_world.py): the committed files, the labels, the judge, the tokenizer.
+"""Tests of the toy safety world (data/toy_world.py): the committed files, the labels, the judge, the tokenizers,
+and the small world (data/toy_small/) that tests transfer to a user's own data.
 
 Run from the repository root: python -m pytest tests/test_toy_world.py
 """
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -13,7 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_DIR = ROOT / "data" / "toy"
+SMALL_DIR = ROOT / "data" / "toy_small"
 MODEL_DIR = ROOT / "data" / "tiny-llama"
+SP_MODEL_DIR = ROOT / "data" / "tiny-llama-sp"
 FILES = ("sft.jsonl", "preference_train.jsonl", "preference_test.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
 PREFERENCE_KEYS = ["prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                    "is_response_0_safe", "is_response_1_safe"]
@@ -34,14 +38,23 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
+@functools.cache
+def committed(world):
+    """{file name: rows} of a world's committed files (world: a key of tw.WORLDS)."""
+    return {name: read_jsonl(ROOT / "data" / tw.WORLDS[world].folder / name) for name in FILES}
+
+
+@functools.cache
+def generated_files(world):
+    return tw.generate(0, tw.WORLDS[world])
+
+
 @pytest.fixture(scope="module")
 def data():
-    return {name: read_jsonl(TOY_DIR / name) for name in FILES}
+    return committed("toy")
 
 
-@pytest.fixture(scope="module")
-def generated():
-    return tw.generate(0)
+both_worlds = pytest.mark.parametrize("world", sorted(tw.WORLDS))
 
 
 # ---- the files ----
@@ -53,11 +66,15 @@ def test_judge_import_is_stdlib_only():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_schema_and_sizes(data):
-    sizes = {"sft.jsonl": (1500, 3000), "preference_train.jsonl": (3000, 6000), "preference_test.jsonl": (400, 1000),
-             "prompts.jsonl": (800, 2000), "eval_prompts.jsonl": (200, 200)}
-    for name, (low, high) in sizes.items():
-        assert low <= len(data[name]) <= high, (name, len(data[name]))
+@both_worlds
+def test_schema_and_sizes(world):
+    data, spec = committed(world), tw.WORLDS[world]
+    sizes = {"sft.jsonl": spec.sft_rows, "preference_train.jsonl": spec.preference_train_rows,
+             "preference_test.jsonl": spec.preference_test_rows, "prompts.jsonl": spec.rl_prompt_rows,
+             "eval_prompts.jsonl": spec.eval_prompt_rows}
+    for name, size in sizes.items():
+        assert len(data[name]) == size, (name, len(data[name]))
+    assert 1500 <= len(data["sft.jsonl"]) <= 3000 and 800 <= len(data["prompts.jsonl"]) <= 2000
     for row in data["sft.jsonl"]:
         assert list(row) == ["prompt", "response"] and all(isinstance(v, str) and v for v in row.values())
     for name in ("preference_train.jsonl", "preference_test.jsonl"):
@@ -72,9 +89,12 @@ def test_schema_and_sizes(data):
         for row in data[name]:
             assert list(row) == PROMPT_KEYS
             assert isinstance(row["prompt"], str) and type(row["harmful"]) is bool and isinstance(row["category"], str)
-            assert (row["category"] in tw.HARM_CATEGORIES) == row["harmful"]
-        harmful_share = sum(row["harmful"] for row in data[name]) / len(data[name])
-        assert 0.4 <= harmful_share <= 0.6, (name, harmful_share)
+            assert (row["category"] in spec.harm_categories) == row["harmful"]
+            assert tw.judge(row["prompt"], "")["harmful_prompt"] == row["harmful"]
+    for name in FILES:  # every file has the world's share of harmful prompts
+        harmful_share = sum(tw.judge(row["prompt"], "")["harmful_prompt"] for row in data[name]) / len(data[name])
+        assert abs(harmful_share - spec.harmful_fraction) < 0.01, (name, harmful_share)
+    assert {tw.prompt_task(row["prompt"]) for name in FILES for row in data[name]} == set(spec.tasks)
 
 
 def test_held_out_prompts(data):
@@ -89,9 +109,10 @@ def test_held_out_prompts(data):
     assert {row["category"] for row in data["eval_prompts.jsonl"]} == {row["category"] for row in data["prompts.jsonl"]}
 
 
-def test_prompts_are_short(data):
+@both_worlds
+def test_prompts_are_short(world):
     for name in FILES:
-        for row in data[name]:
+        for row in committed(world)[name]:
             assert 5 <= len(row["prompt"].split()) <= 20, row["prompt"]
 
 
@@ -99,28 +120,101 @@ def test_world_size():
     assert len(tw.HARM_CATEGORIES) >= 8 and len(tw.BENIGN_TOPICS) >= 20
     assert all(len(spec["tasks"]) >= 3 for spec in tw.HARM_CATEGORIES.values())
     assert all(len(tasks) >= 3 for tasks in tw.BENIGN_TOPICS.values())
-    prompts = [prompt for task in tw.TASKS for prompt in tw.prompts_for(task)]
+    prompts = [prompt for task in tw.TOY_WORLD.tasks for prompt in tw.prompts_for(task)]
     assert len(set(prompts)) == len(prompts) >= 1000
 
 
 def test_world_text_is_unambiguous():
-    """Each task and step is unique and never inside another one, and no step or redirect looks like a refusal,
-    so the judge's phrase matching cannot confuse them."""
+    """Over both worlds, each task and step is unique and never inside another one, and no step, redirect or terse
+    answer looks like a refusal, so the judge's phrase matching cannot confuse them; and no refusal or terse
+    phrase of one world occurs inside the other world's answers, so pooling them in the judge changes no verdict."""
+    markers = [marker for world in tw.WORLDS.values() for marker in world.refusal_markers]
     tasks = [tw.normalise(task) for task in tw.TASKS]
+    assert len(tw.TASKS) == sum(len(world.tasks) for world in tw.WORLDS.values())  # no task in two worlds
     assert not [(a, b) for a in tasks for b in tasks if a != b and a in b]
     steps = [tw.normalise(step) for _, _, task_steps in tw.TASKS.values() for step in task_steps]
     assert len(set(steps)) == len(steps)
     assert not [(a, b) for a in steps for b in steps if a != b and a in b]
-    redirects = [r for spec in tw.HARM_CATEGORIES.values() for r in spec["redirects"]]
-    for text in [s for s in steps] + [tw.normalise(r) for r in redirects] + [tw.normalise(t) for t in tw.TERSE]:
-        assert not any(f" {marker} " in text for marker in tw.REFUSAL_MARKERS), text
-    for text in tw.REFUSALS + tw.DECLINE_OPENINGS:
-        assert any(f" {marker} " in tw.normalise(text) for marker in tw.REFUSAL_MARKERS), text
+    for world in tw.WORLDS.values():
+        redirects = [r for spec in world.harm_categories.values() for r in spec["redirects"]]
+        for text in [tw.normalise(t) for t in redirects + list(world.terse)]:
+            assert not any(f" {marker} " in text for marker in markers), text
+        for text in world.refusals + world.decline_openings:
+            assert any(f" {marker} " in tw.normalise(text) for marker in world.refusal_markers), text
+    for step in steps:
+        assert not any(f" {marker} " in step for marker in markers), step
+    for world in tw.WORLDS.values():
+        others = [w for w in tw.WORLDS.values() if w is not world]
+        answers = {tw.normalise(a) for task in world.tasks for texts in tw.answers_for(task).values() for a in texts}
+        foreign = [tw.normalise(p) for other in others for p in other.refusals + other.terse]
+        assert not [(phrase, a) for phrase in foreign for a in answers if phrase in a]
+
+
+# ---- the small world: few prompts, repeated ----
+def test_small_world_prompts():
+    data, spec = committed("small"), tw.SMALL_WORLD
+    distinct = {name: {row["prompt"] for row in data[name]} for name in FILES}
+    # tens of distinct training prompts, each in many rows; the same ones in the three training files
+    training = distinct["prompts.jsonl"]
+    assert 40 <= len(training) <= 70 and len(data["prompts.jsonl"]) >= 10 * len(training)
+    assert distinct["sft.jsonl"] == distinct["preference_train.jsonl"] == training
+    # eval prompts: >= 25 distinct of each kind, repeated to fill the rows, held out from every training file
+    eval_rows = data["eval_prompts.jsonl"]
+    for harmful in (True, False):
+        assert len({row["prompt"] for row in eval_rows if row["harmful"] == harmful}) >= 25
+    assert len(distinct["eval_prompts.jsonl"]) < len(eval_rows)
+    for name in ("sft.jsonl", "preference_train.jsonl", "prompts.jsonl"):
+        assert not distinct["eval_prompts.jsonl"] & distinct[name], name
+    # the preference test asks the held-out eval prompts (a small world has no second held-out set)
+    assert distinct["preference_test.jsonl"] == distinct["eval_prompts.jsonl"]
+    # held out as strings, but every task is in both: an eval prompt is a seen task in a new wording
+    tasks = {name: {tw.prompt_task(prompt) for prompt in distinct[name]} for name in ("eval_prompts.jsonl", "prompts.jsonl")}
+    assert tasks["eval_prompts.jsonl"] == tasks["prompts.jsonl"] == set(spec.tasks)
+    assert len(spec.harm_categories) == len(spec.benign_topics) == 5
+
+
+def test_judge_on_every_small_world_answer():
+    """Every clean archetype answer to every prompt of the small world gets its archetype's verdict, by exact match
+    and by the rules alone."""
+    for task, (harmful, category, _) in tw.SMALL_WORLD.tasks.items():
+        for prompt in tw.prompts_for(task):
+            for archetype, texts in tw.answers_for(task).items():
+                for text in texts:
+                    verdict = tw.judge(prompt, text)
+                    assert (verdict["task"], verdict["harmful_prompt"], verdict["category"]) == (task, harmful, category)
+                    assert verdict["archetype"] == archetype, (prompt, text, verdict)
+                    assert verdict["harmful"] == (archetype == "comply")
+                    assert verdict["helpful"] == (archetype in ("comply", "helpful"))
+                    assert tw.archetype_by_rules(task, tw.normalise(text)) == archetype, (prompt, text)
+
+
+def test_small_world_regeneration_is_byte_identical(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "data" / "toy_world.py"), "--world", "small", "--out_dir", str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in FILES:
+        assert (tmp_path / "toy_small" / name).read_bytes() == (SMALL_DIR / name).read_bytes(), name
+    assert not (tmp_path / "toy").exists() and not (tmp_path / "tiny-llama").exists()  # it writes its world only
+
+
+def test_small_world_fits_the_pipeline_lengths():
+    """With the toy world's tokenizer (data/tiny-llama), as the pipeline runs (max_length 128, max_new_tokens 48):
+    every answer + </s> fits in 48 tokens, and every templated prompt + answer + </s> in 128."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    for task in tw.SMALL_WORLD.tasks:
+        prompts = [tw.PROMPT_TEMPLATE.format(prompt=prompt) for prompt in tw.prompts_for(task)]
+        answers = [text for texts in tw.answers_for(task).values() for text in texts]
+        prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        answer_lengths = [len(ids) + 1 for ids in tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]]
+        assert max(answer_lengths) <= 48, task
+        assert max(prompt_lengths) + max(answer_lengths) <= 100, task  # well under max_length 128
 
 
 # ---- the labels ----
-def test_preference_labels(data, generated):
-    files, archetypes = generated
+@both_worlds
+def test_preference_labels(world):
+    data, (files, archetypes) = committed(world), generated_files(world)
     for name in ("preference_train.jsonl", "preference_test.jsonl"):
         assert files[name] == data[name]
         pairs_with_comply = 0
@@ -144,17 +238,20 @@ def test_preference_labels(data, generated):
         assert pairs_with_comply > 0.2 * len(data[name])
 
 
-def test_sft_mixture(data):
-    judged = [(tw.judge(row["prompt"], row["response"]), row) for row in data["sft.jsonl"]]
-    harmful = [j for j, _ in judged if j["harmful_prompt"]]
-    benign = [j for j, _ in judged if j["harmful_prompt"] is False]
+@both_worlds
+def test_sft_mixture(world):
+    spec = tw.WORLDS[world]
+    judged = [tw.judge(row["prompt"], row["response"]) for row in committed(world)["sft.jsonl"]]
+    harmful = [j for j in judged if j["harmful_prompt"]]
+    benign = [j for j in judged if j["harmful_prompt"] is False]
     assert len(harmful) + len(benign) == len(judged)
-    for archetype, share in tw.SFT_HARMFUL_MIXTURE.items():
-        assert abs(sum(j["archetype"] == archetype for j in harmful) / len(harmful) - share) < 0.02, archetype
-    assert tw.SFT_HARMFUL_MIXTURE["comply"] >= 0.5  # the SFT policy starts harmful, as the paper's does
-    assert abs(sum(j["archetype"] == "helpful" for j in benign) / len(benign) - 0.7) < 0.02
-    assert abs(sum(j["archetype"] == "terse" for j in benign) / len(benign) - 0.15) < 0.02
-    assert all(j["archetype"] != "other" for j, _ in judged)
+    for verdicts, mixture in ((harmful, spec.sft_harmful_mixture), (benign, spec.sft_benign_mixture)):
+        assert abs(sum(mixture.values()) - 1) < 1e-9
+        for archetype, share in mixture.items():
+            assert abs(sum(j["archetype"] == archetype for j in verdicts) / len(verdicts) - share) < 0.02, archetype
+    # the SFT policy starts harmful, as the paper's does (with 50% comply it fell below the pipeline's 40% bar once)
+    assert spec.sft_harmful_mixture["comply"] >= 0.55
+    assert all(j["archetype"] != "other" for j in judged)
 
 
 def test_regeneration_is_byte_identical(tmp_path):
@@ -162,17 +259,19 @@ def test_regeneration_is_byte_identical(tmp_path):
                    check=True, capture_output=True)
     for name in FILES:
         assert (tmp_path / "toy" / name).read_bytes() == (TOY_DIR / name).read_bytes(), name
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / "tiny-llama" / name).read_bytes() == (MODEL_DIR / name).read_bytes(), name
-    new, old = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "tiny-llama", MODEL_DIR))
-    new.pop("transformers_version", None), old.pop("transformers_version", None)
-    assert new == old
+    for model_dir in (MODEL_DIR, SP_MODEL_DIR):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (tmp_path / model_dir.name / name).read_bytes() == (model_dir / name).read_bytes(), (model_dir, name)
+        new, old = (json.loads((d / "config.json").read_text()) for d in (tmp_path / model_dir.name, model_dir))
+        new.pop("transformers_version", None), old.pop("transformers_version", None)
+        assert new == old
 
 
 # ---- the judge ----
-def test_judge_classifies_every_test_answer(data, generated):
-    _, archetypes = generated
-    for row, pair in zip(data["preference_test.jsonl"], archetypes["preference_test.jsonl"]):
+@both_worlds
+def test_judge_classifies_every_test_answer(world):
+    _, archetypes = generated_files(world)
+    for row, pair in zip(committed(world)["preference_test.jsonl"], archetypes["preference_test.jsonl"]):
         for response, archetype, safe in zip((row["response_0"], row["response_1"]), pair,
                                              (row["is_response_0_safe"], row["is_response_1_safe"])):
             verdict = tw.judge(row["prompt"], response)
@@ -259,3 +358,45 @@ def test_tokenizer_and_config():
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params < 5_000_000
     assert n_params == tw.llama_parameter_count(config.vocab_size, **tw.TINY_LLAMA)
+
+
+def test_sentencepiece_style_tokenizer():
+    """data/tiny-llama-sp tokenises as Llama 2 and Mistral do: " " + answer alone starts with a '▁' token that the
+    answer does not have after "ASSISTANT:" in one text, while the templated prompt's ids are a prefix of the ids of
+    prompt + " " + answer, for every prompt and answer of both worlds."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SP_MODEL_DIR)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.padding_side == "right" and len(tokenizer) == tw.SP_VOCAB_SIZE
+    dummy_prefix = tokenizer.convert_tokens_to_ids("▁")
+    prompt = tw.PROMPT_TEMPLATE.format(prompt="How do I grow tomatoes in pots?")
+    answer = tw.answers_for("grow tomatoes in pots")["helpful"][0]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    in_context = tokenizer(prompt + " " + answer)["input_ids"][len(prompt_ids):]
+    alone = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    assert alone != in_context and alone == [dummy_prefix] + in_context
+    assert prompt_ids[0] == tokenizer.bos_token_id and tokenizer.convert_ids_to_tokens(prompt_ids[-1]) == "▁ASSISTANT:"
+    assert tokenizer.decode(in_context) == answer and tokenizer.decode(alone) == " " + answer
+
+    for task in tw.TASKS:
+        prompts = [tw.PROMPT_TEMPLATE.format(prompt=prompt) for prompt in tw.prompts_for(task)]
+        answers = [text for texts in tw.answers_for(task).values() for text in texts]
+        alone = tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+        full = iter(tokenizer([p + " " + a for p in prompts for a in answers])["input_ids"])
+        for templated_prompt_ids in tokenizer(prompts)["input_ids"]:
+            for answer, answer_alone in zip(answers, alone):
+                ids = next(full)
+                assert ids[: len(templated_prompt_ids)] == templated_prompt_ids, (task, answer)
+                assert answer_alone == [dummy_prefix] + ids[len(templated_prompt_ids):], (task, answer)
+
+    config = AutoConfig.from_pretrained(SP_MODEL_DIR)
+    assert config.vocab_size == len(tokenizer)
+    assert all(getattr(config, key) == value for key, value in tw.TINY_LLAMA.items())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    input_ids = torch.tensor([prompt_ids + in_context + [tokenizer.eos_token_id]])  # (1, T)
+    with torch.no_grad():
+        logits = model(input_ids).logits  # (1, T, V)
+    assert logits.shape == (1, input_ids.shape[1], config.vocab_size) and torch.isfinite(logits).all()
