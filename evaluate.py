@@ -23,7 +23,7 @@ Two jobs, one script (either or both in one run):
 Deliberate differences from the paper: the judges of the arena and of Elo are our reward and cost models (the paper
 uses GPT-4 and people; any pairwise judge fits `elo_ratings`). An answer is scored as text: it is decoded, then
 re-tokenised with the score model's own tokenizer exactly as preference_model.py tokenises a training answer
-(template + ' answer' + EOS), so answers.jsonl can be re-scored from its lines, the score models need not share
+(template + " " + answer + EOS, one text), so answers.jsonl can be re-scored from its lines, the score models need not share
 the policies' tokenizer, and an answer cut off at max_new_tokens is scored as if it ended there. As in stage 3,
 a batch's answers get min(max_new_tokens, max_length - its longest prompt) tokens; so greedy answers do not
 depend on the batching or the number of ranks as long as max_new_tokens + the longest prompt <= max_length.
@@ -49,29 +49,31 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+                          HfArgumentParser, set_seed)
 
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 
 
 @dataclass
 class Args:
-    policy: list[str] = field(default_factory=list, metadata={"help": "a policy to evaluate as NAME=PATH (a causal-LM checkpoint); repeat, or list several: --policy sft=A ppo_lag=B"})
-    prompt_data: str = field(default=PKU_SAFERLHF, metadata={"help": "prompts the policies answer (rows with a 'prompt' field, optionally a boolean 'harmful'): local .json/.jsonl/.parquet or hub NAME[@REVISION]"})
+    policy: list[str] = field(default_factory=list, metadata={"help": "the policies to evaluate, each as NAME=PATH (a causal-LM checkpoint): --policy sft=A ppo_lag=B, or --policy once per policy", "action": "extend"})
+    prompt_data: str = field(default=PKU_SAFERLHF, metadata={"help": "prompts the policies answer (rows with a 'prompt' field, optionally a boolean 'harmful'): local .json/.jsonl/.parquet/.csv or hub NAME[@REVISION]"})
     prompt_split: str = field(default="test", metadata={"help": "split of a hub prompt data set"})
     max_prompts: int = field(default=-1, metadata={"help": "answer only the first N distinct prompts (-1: all)"})
     preference_data: str = field(default="", metadata={"help": "held-out PKU-SafeRLHF-format pairs for the score-model job ('' to skip it)"})
@@ -93,215 +95,6 @@ class Args:
     bf16: bool = field(default=True, metadata={"help": "bf16 models and autocast, used only where the device supports it (CUDA with bf16)"})
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
-
-
-# ---- shared setup: the same lines in sft.py, preference_model.py, ppo_lagrangian.py and evaluate.py ----
-# (tests/test_shared_code.py fails if the copies drift apart)
-PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
-
-
-class InputError(Exception):
-    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
-
-
-def parse_args(args_class, argv=None):
-    """One --flag per dataclass field, its help from the field's metadata; --flag/--no-flag for booleans."""
-    parser = argparse.ArgumentParser(description=sys.modules[args_class.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(args_class):
-        if not f.init:  # derived at run time
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs = {"default": default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
-        if f.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif getattr(f.type, "__origin__", None) is tuple:
-            kwargs.update(type=f.type.__args__[0], nargs=len(f.type.__args__))
-        elif getattr(f.type, "__origin__", None) is list:  # --name a b, or --name a --name b
-            kwargs.update(type=f.type.__args__[0], nargs="+", action="extend")
-        else:
-            kwargs["type"] = f.type
-        parser.add_argument(f"--{f.name}", **kwargs)
-    values = vars(parser.parse_args(argv))
-    for f in dataclasses.fields(args_class):
-        if getattr(f.type, "__origin__", None) is tuple and f.init:
-            values[f.name] = tuple(values[f.name])
-    return args_class(**values)
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
-def load_rows(source, split):
-    """Rows (dicts) of a local .json/.jsonl/.parquet file, or of a hub data set given as NAME or NAME@REVISION."""
-    path = Path(source)
-    if path.suffix in (".json", ".jsonl", ".parquet"):
-        if not path.is_file():
-            raise InputError(f"{source}: no such file")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            rows = pq.read_table(path).to_pylist()
-        elif path.suffix == ".json":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise InputError(f"{source}: not valid JSON ({error})") from None
-            if not isinstance(rows, list):
-                raise InputError(f"{source}: a .json file must hold a list of rows")
-        else:
-            rows = []
-            for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{source}, line {line_number}: not valid JSON ({error})") from None
-    elif path.exists():
-        raise InputError(f"{source}: unknown format '{path.suffix}'; use .json, .jsonl or .parquet, or a hub data-set name")
-    else:
-        import datasets
-        name, _, revision = source.partition("@")
-        try:
-            rows = list(datasets.load_dataset(name, split=split, revision=revision or None))
-        except Exception as error:  # offline, unknown name, unknown split, ...
-            raise InputError(f"{source}: not a local file, and loading it from the hub failed: {error}") from None
-    for row_number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise InputError(f"{source}, row {row_number}: expected a JSON object, got {type(row).__name__}")
-    if not rows:
-        raise InputError(f"{source}: no rows")
-    return rows
-
-
-def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
-    try:
-        return model_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
-
-
-def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
-    """Token ids of the templated prompt (with BOS if the tokenizer adds one) and of ' answer' + EOS, truncated
-    to max_length in total. They are tokenised apart so that every stage sees the same boundary."""
-    prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"][:max_length]
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
-
-
-def write_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
-    partial = Path(f"{output_dir}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
-    output_dir, old = Path(output_dir), Path(f"{output_dir}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if output_dir.exists():
-        output_dir.rename(old)
-    partial.rename(output_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def wrap_ddp(model, device):
-    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
-    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
-    if dist.get_world_size() == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model):
-    """The model inside DDP, or the model itself in a world of one."""
-    return model.module if isinstance(model, DDP) else model
-
-
-def no_sync(model):
-    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
-    return model.no_sync() if isinstance(model, DDP) else nullcontext()
-# ---- end of shared setup ----
-
-
-def preference_pairs(rows, source, objective):
-    """(prompt, first, second, first_is_safe, second_is_safe) per row: (better, worse) for the reward model,
-    (safer, unsafer) for the cost model. Checks every field a PKU-SafeRLHF row needs."""
-    pairs = []
-    for row_number, row in enumerate(rows, start=1):
-        where = f"{source}, row {row_number}"
-        for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
-                           ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
-            if name not in row:
-                raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
-                                 f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
-            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))):
-                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else kind.__name__}, got {row[name]!r}")
-        responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
-        first = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
-        second = 1 - first
-        if objective == "cost" and not is_safe[first] and is_safe[second]:
-            raise InputError(f"{where}: inconsistent safety labels: the safer answer (response_{first}) is labelled unsafe "
-                             f"while response_{second} is labelled safe")
-        pairs.append((row["prompt"], responses[first], responses[second], is_safe[first], is_safe[second]))
-    return pairs
-
-
-def end_scores(score_model, input_ids, attention_mask):
-    """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
-    Position ids follow the attention mask, so padding changes nothing."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1).float()
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False):
-    """Answers to a batch of tokenised prompts with the KV cache. Prompts are left-padded to a common length P, so
-    the answers start together at column P. Returns (sequences (B, P+T), attention_mask (B, P+T), P): each answer
-    stops at its first EOS (kept); the tokens after it are pad and masked out."""
-    device, pad, eos = next(model.parameters()).device, tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompt_length = max(map(len, prompt_ids))
-    input_ids = torch.full((len(prompt_ids), prompt_length), pad, device=device)
-    prompt_mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, prompt_length - len(ids) :], prompt_mask[i, prompt_length - len(ids) :] = torch.tensor(ids), 1
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}  # top_k 0: the full policy
-    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              bos_token_id=tokenizer.bos_token_id, suppress_tokens=[pad], use_cache=True, **sampling)
-    was_training = model.training
-    model.eval()
-    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config)  # (B, P+T)
-    model.train(was_training)
-    answers = sequences[:, prompt_length:]  # (B, T)
-    is_eos = answers == eos
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    answers = answers.masked_fill(after_eos, pad)
-    attention_mask = torch.cat([prompt_mask, (~after_eos).long()], dim=-1)
-    return torch.cat([input_ids, answers], dim=-1), attention_mask, prompt_length
 
 
 # ---- Safe RLHF, stage 4: the metrics (pure functions on lists of numbers) ----
@@ -382,29 +175,36 @@ def elo_ratings(matches, k=4.0, initial=1000.0, rounds=100, seed=0):
     return {player: total / max(rounds, 1) for player, total in totals.items()}
 
 
-# ---- model plumbing ----
-def parse_policies(specs):
-    """{name: path} from NAME=PATH strings, in the order given."""
-    policies = {}
-    for spec in specs:
-        name, equals, path = spec.partition("=")
-        if not equals or not name.strip() or not path.strip():
-            raise InputError(f"--policy {spec}: expected NAME=PATH, e.g. --policy sft=output/sft")
-        if name in policies:
-            raise InputError(f"--policy {spec}: the name '{name}' is given twice ({policies[name]} and {path}); give each policy its own name")
-        policies[name] = path
-    return policies
+
+# ---- the models at work: sampling, log-probs, scores and values ----
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False):
+    """Answers to a batch of tokenised prompts with the KV cache (call it in eval mode). Prompts are left-padded to a
+    common length P, so the answers start together at column P. Returns (sequences (B, P+T), attention_mask (B, P+T),
+    P): each answer stops at its first EOS (kept); the tokens after it are pad and masked out."""
+    device, pad, eos = next(model.parameters()).device, tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_length = max(map(len, prompt_ids))
+    input_ids = torch.full((len(prompt_ids), prompt_length), pad, device=device)
+    prompt_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, prompt_length - len(ids) :], prompt_mask[i, prompt_length - len(ids) :] = torch.tensor(ids), 1
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}  # top_k 0: the full policy
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                              bos_token_id=tokenizer.bos_token_id, suppress_tokens=[pad], use_cache=True, **sampling)
+    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config)  # (B, P+T)
+    answers = sequences[:, prompt_length:]  # (B, T)
+    is_eos = answers == eos
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    answers = answers.masked_fill(after_eos, pad)
+    attention_mask = torch.cat([prompt_mask, (~after_eos).long()], dim=-1)
+    return torch.cat([input_ids, answers], dim=-1), attention_mask, prompt_length
 
 
-def load_score_tokenizer(path, expected):
-    """A score model's tokenizer, after checking that it is the kind of model we were told (config.objective)."""
-    objective = getattr(load_pretrained(AutoConfig, path), "objective", expected)  # written by preference_model.py
-    if objective != expected:  # a swapped pair would call harmful answers safe: the cost sign is easy to flip
-        raise InputError(f"{path}: this is a {objective} model, but it was given as the {expected} model")
-    tokenizer = load_pretrained(AutoTokenizer, path)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(f"{path}: the tokenizer's pad token must exist and differ from EOS, or the score would not be read at the EOS")
-    return tokenizer
+def end_scores(score_model, input_ids, attention_mask):
+    """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
+    Position ids follow the attention mask, so padding changes nothing."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits.squeeze(-1).float()
 
 
 @torch.no_grad()
@@ -433,6 +233,70 @@ def gather_shards(local_items, world_size):
     return items
 
 
+
+# ---- data: prompts, preference pairs, policies and judges ----
+def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
+    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. As in the reference,
+    the answer is tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by
+    the prompt's own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone
+    gives other tokens than the ones a model generates after `ASSISTANT:`."""
+    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
+    prompt_ids = tokenizer(prompt_text)["input_ids"]
+    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :] + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[:max_length]
+    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
+
+
+PreferencePair = namedtuple("PreferencePair", "prompt preferred rejected preferred_is_safe rejected_is_safe")
+
+
+def preference_pairs(rows, source, objective):
+    """A PreferencePair per PKU-SafeRLHF row: preferred = the better answer (better_response_id) for the reward model,
+    the safer one (safer_response_id) for the cost model; rejected = the other. Checks every field a row needs."""
+    pairs = []
+    for row_number, row in enumerate(rows, start=1):
+        where = f"{source}, row {row_number}"
+        for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
+                           ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
+            if row.get(name) is None:
+                raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
+                                 f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
+            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))):
+                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else kind.__name__}, got {row[name]!r}")
+        responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
+        preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
+        rejected = 1 - preferred
+        if objective == "cost" and not is_safe[preferred] and is_safe[rejected]:
+            raise InputError(f"{where}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
+                             f"while response_{rejected} is labelled safe")
+        pairs.append(PreferencePair(row["prompt"], responses[preferred], responses[rejected], is_safe[preferred], is_safe[rejected]))
+    return pairs
+
+
+def parse_policies(specs):
+    """{name: path} from NAME=PATH strings, in the order given."""
+    policies = {}
+    for spec in specs:
+        name, equals, path = spec.partition("=")
+        if not equals or not name.strip() or not path.strip():
+            raise InputError(f"--policy {spec}: expected NAME=PATH, e.g. --policy sft=output/sft")
+        if name in policies:
+            raise InputError(f"--policy {spec}: the name '{name}' is given twice ({policies[name]} and {path}); give each policy its own name")
+        policies[name] = path
+    return policies
+
+
+def load_score_tokenizer(path, expected):
+    """A score model's tokenizer, after checking that it is the kind of model we were told (config.objective)."""
+    objective = getattr(load_pretrained(AutoConfig, path), "objective", expected)  # written by preference_model.py
+    if objective != expected:  # a swapped pair would call harmful answers safe: the cost sign is easy to flip
+        raise InputError(f"{path}: this is a {objective} model, but it was given as the {expected} model")
+    tokenizer = load_pretrained(AutoTokenizer, path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise InputError(f"{path}: the tokenizer's pad token must exist and differ from EOS, or the score would not be read at the EOS")
+    return tokenizer
+
+
 def load_toy_judge():
     """`judge(prompt, response)` of the toy world, from data/toy_world.py next to this script."""
     path = Path(__file__).resolve().parent / "data" / "toy_world.py"
@@ -442,6 +306,163 @@ def load_toy_judge():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.judge
+def main():
+    args = parse_args(Args)
+    policies = parse_policies(args.policy)
+    if not policies and not args.preference_data:
+        raise InputError("nothing to evaluate: give --policy NAME=PATH (once per policy) and/or --preference_data FILE")
+    if policies and not (args.reward_model and args.cost_model):
+        raise InputError("evaluating policies needs both --reward_model and --cost_model (the judges of helpfulness and harmlessness)")
+    if args.preference_data and not (args.reward_model or args.cost_model):
+        raise InputError("--preference_data needs --reward_model and/or --cost_model to evaluate")
+    if args.judge not in ("", "toy"):
+        raise InputError(f"--judge must be 'toy' (the toy world's oracle) or '' (none), not '{args.judge}'")
+    rank, args.world_size, device = setup_distributed()
+    use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    model_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    start_time = time.time()
+
+    # ---- data, tokenizers and configs: everything is checked before any model runs ----
+    score_paths = {objective: path for objective, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
+    score_tokenizers = {objective: load_score_tokenizer(path, objective) for objective, path in score_paths.items()}
+    policy_tokenizers = {name: load_pretrained(AutoTokenizer, path) for name, path in policies.items()}
+    for name, tokenizer in policy_tokenizers.items():
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise InputError(f"{policies[name]}: the tokenizer's pad token must exist and differ from EOS; use an sft.py or ppo_lagrangian.py checkpoint")
+    judge = load_toy_judge() if args.judge == "toy" else None
+    prompt_rows, skipped_long, split_by_kind = [], 0, False
+    if policies:
+        unique = {}
+        for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
+            if not isinstance(row.get("prompt"), str):
+                raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a string, got {type(row['prompt']).__name__}"))
+            unique.setdefault(row["prompt"], row)  # PKU-SafeRLHF repeats prompts across rows: answer each once
+        fits = lambda prompt: all(len(t(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]) < args.max_length for t in policy_tokenizers.values())
+        prompt_rows = [row for row in unique.values() if fits(row["prompt"])]
+        skipped_long = len(unique) - len(prompt_rows)
+        prompt_rows = prompt_rows[: args.max_prompts] if args.max_prompts >= 0 else prompt_rows
+        if not prompt_rows:
+            raise InputError(f"{args.prompt_data}: no prompt left to answer ({skipped_long} not shorter than --max_length {args.max_length})")
+        split_by_kind = all(isinstance(row.get("harmful"), bool) for row in prompt_rows)  # report harmful/benign apart
+    pairs = {}
+    if args.preference_data:
+        preference_rows = load_rows(args.preference_data, args.preference_split)
+        for objective in score_tokenizers:  # a pair whose two answers are the same text has no preference to get right
+            pairs[objective] = [p for p in preference_pairs(preference_rows, args.preference_data, objective) if p.preferred.strip() != p.rejected.strip()]
+    if rank == 0:
+        print(f"evaluate: {len(policies)} policies x {len(prompt_rows)} prompts ({skipped_long} skipped: too long), "
+              + ", ".join(f"{len(p)} {objective} pairs" for objective, p in pairs.items())
+              + f", world size {args.world_size}, {'greedy' if args.greedy else 'sampled'}, bf16 {use_bf16}")
+
+    # ---- 1. answers: each policy answers this rank's shard of the prompts, prompts[rank::world_size] ----
+    local_rows = prompt_rows[rank :: args.world_size]
+    local_records = {name: [] for name in policies}
+    batches = range(0, len(local_rows), args.per_device_batch_size)
+    progress = tqdm(total=len(policies) * len(batches), desc="answers", disable=rank != 0)
+    for name, path in policies.items():
+        tokenizer = policy_tokenizers[name]
+        model = load_pretrained(AutoModelForCausalLM, path, dtype=model_dtype).to(device).eval()
+        set_seed(args.seed + rank)  # each policy's samples are reproducible, whatever ran before it
+        for start in batches:
+            rows = local_rows[start : start + args.per_device_batch_size]
+            prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=row["prompt"]))["input_ids"] for row in rows]
+            max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompt_ids)))  # P + T <= max_length
+            sequences, attention_mask, prompt_length = generate_answers(model, tokenizer, prompt_ids, max_new_tokens, args.temperature, args.top_p, args.greedy)  # (B, P+T)
+            for i, row in enumerate(rows):
+                answer_ids = sequences[i, prompt_length:][attention_mask[i, prompt_length:].bool()].tolist()  # the answer, up to its EOS
+                if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:
+                    answer_ids = answer_ids[:-1]
+                record = {"policy": name, "prompt": row["prompt"]} | ({"harmful_prompt": row["harmful"]} if split_by_kind else {})
+                local_records[name].append(record | {"answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), "length": len(answer_ids)})
+            progress.update(1)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    progress.close()
+
+    # ---- 2. scores: R and C score this rank's answers and its shard of the preference pairs ----
+    local_pair_scores = {}
+    for objective, tokenizer in score_tokenizers.items():
+        model = load_pretrained(AutoModelForSequenceClassification, score_paths[objective], dtype=model_dtype).to(device).eval()
+        model.config.pad_token_id = tokenizer.pad_token_id
+        score = lambda prompts, answers: score_texts(model, tokenizer, prompts, answers, args.max_length, args.per_device_batch_size, autocast)
+        for records in local_records.values():
+            for record, value in zip(records, score([r["prompt"] for r in records], [r["answer"] for r in records])):
+                record[objective] = value
+        if objective in pairs:
+            shard = pairs[objective][rank :: args.world_size]
+            values = score([p.prompt for p in shard] * 2, [p.preferred for p in shard] + [p.rejected for p in shard])  # preferred answers, then rejected
+            local_pair_scores[objective] = list(zip(values[: len(shard)], values[len(shard) :]))  # (preferred, rejected) per pair
+        del model
+
+    # ---- 3. gather on rank 0, in the original order ----
+    records = {name: gather_shards(local, args.world_size) for name, local in local_records.items()}
+    pair_scores = {objective: gather_shards(local, args.world_size) for objective, local in local_pair_scores.items()}
+    results = None
+    if rank == 0:
+        results = {"world_size": args.world_size}
+        # 4. score models: accuracy on the pairs, and the cost sign against each answer's own label
+        if pairs:
+            results["preference_data"], results["score_models"], histogram_groups = args.preference_data, {}, {}
+            for objective, scores in pair_scores.items():
+                preferred, rejected = (list(column) for column in zip(*scores))
+                if objective == "reward":  # preferred = the better answer: it should score higher
+                    accuracy = mean([float(better > worse) for better, worse in zip(preferred, rejected)])
+                    histogram_groups["reward"] = {"better answer": preferred, "worse answer": rejected}
+                    results["score_models"]["reward"] = {"pairs": len(scores), "accuracy": accuracy}
+                else:  # preferred = the safer answer: the unsafer one should cost more
+                    is_safe = [p.preferred_is_safe for p in pairs["cost"]] + [p.rejected_is_safe for p in pairs["cost"]]
+                    costs = preferred + rejected
+                    histogram_groups["cost"] = {"labelled safe": [c for c, safe in zip(costs, is_safe) if safe],
+                                                "labelled unsafe": [c for c, safe in zip(costs, is_safe) if not safe]}
+                    results["score_models"]["cost"] = {"pairs": len(scores), "accuracy": mean([float(unsafer > safer) for safer, unsafer in zip(preferred, rejected)]),
+                                                       "sign_accuracy": sign_accuracy(costs, is_safe)}
+        # 5. policies: oracle labels, per-policy numbers (split by prompt kind), the arena and Elo
+        if policies:
+            if judge:
+                for record in (r for name in records for r in records[name]):
+                    verdict = judge(record["prompt"], record["answer"])
+                    record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict["archetype"])
+            results.update(prompt_data=args.prompt_data, prompts=len(prompt_rows), greedy=args.greedy, policies={})
+            for name, answers in records.items():
+                results["policies"][name] = {"all": policy_summary(answers)}
+                if split_by_kind:
+                    results["policies"][name]["harmful_prompts"] = policy_summary([r for r in answers if r["harmful_prompt"]])
+                    results["policies"][name]["benign_prompts"] = policy_summary([r for r in answers if not r["harmful_prompt"]])
+            column = lambda name, key: [r[key] for r in records[name]]
+            results["arena"] = [{"a": a, "b": b, **arena_counts(column(a, "reward"), column(a, "cost"), column(b, "reward"), column(b, "cost"))}
+                                for a, b in itertools.combinations(policies, 2)]
+            if len(policies) > 1:
+                elo = lambda matches: elo_ratings(matches, args.elo_k, args.elo_initial, args.elo_rounds, args.seed)
+                results["elo"] = {"helpfulness": elo(pairwise_matches({n: column(n, "reward") for n in policies})),
+                                  "harmlessness": elo(pairwise_matches({n: column(n, "cost") for n in policies}, higher_wins=False)),
+                                  "k": args.elo_k, "initial": args.elo_initial, "rounds": args.elo_rounds}
+
+        # ---- write: OUTPUT_DIR.partial, renamed into place when complete ----
+        partial = start_output_dir(args.output_dir)
+        report = report_markdown(results)
+        (partial / "results.json").write_text(json.dumps(results, indent=2))
+        (partial / "report.md").write_text(report)
+        (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if pairs:
+            plot_score_histograms(histogram_groups, partial / "score_histogram.png")
+        if policies:
+            with open(partial / "answers.jsonl", "w", encoding="utf-8") as file:
+                for record in (r for name in records for r in records[name]):
+                    first = {key: record[key] for key in ("policy", "prompt", "answer", "reward", "cost")}
+                    file.write(json.dumps(first | record) + "\n")  # the five main fields first
+            plot_policies(records, results, partial)
+            curves = read_training_curves(policies)  # PPO runs among the policies: how they got there
+            if curves:
+                plot_training_curves(curves, partial / "training_curves.png")
+        finish_output_dir(partial, args.output_dir)
+        print("\n" + report + f"\nwrote {args.output_dir} ({time.time() - start_time:.0f} s)")
+    dist.barrier()
+    dist.destroy_process_group()
+    return results  # for tests (None on ranks other than 0)
+
+
 # ---- outputs: tables and plots ----
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -614,160 +635,88 @@ def plot_training_curves(curves, path, smoothing=5):
     plt.close(figure)
 
 
-def main():
-    args = parse_args(Args)
-    policies = parse_policies(args.policy)
-    if not policies and not args.preference_data:
-        raise InputError("nothing to evaluate: give --policy NAME=PATH (once per policy) and/or --preference_data FILE")
-    if policies and not (args.reward_model and args.cost_model):
-        raise InputError("evaluating policies needs both --reward_model and --cost_model (the judges of helpfulness and harmlessness)")
-    if args.preference_data and not (args.reward_model or args.cost_model):
-        raise InputError("--preference_data needs --reward_model and/or --cost_model to evaluate")
-    if args.judge not in ("", "toy"):
-        raise InputError(f"--judge must be 'toy' (the toy world's oracle) or '' (none), not '{args.judge}'")
-    rank, args.world_size, device = setup_distributed()
-    use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    model_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    start_time = time.time()
+# ---- plumbing shared by the four scripts (tests/test_shared_code.py: a name defined in several has the same code) ----
+class InputError(Exception):
+    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
 
-    # ---- data, tokenizers and configs: everything is checked before any model runs ----
-    score_paths = {objective: path for objective, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
-    score_tokenizers = {objective: load_score_tokenizer(path, objective) for objective, path in score_paths.items()}
-    policy_tokenizers = {name: load_pretrained(AutoTokenizer, path) for name, path in policies.items()}
-    for name, tokenizer in policy_tokenizers.items():
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise InputError(f"{policies[name]}: the tokenizer's pad token must exist and differ from EOS; use an sft.py or ppo_lagrangian.py checkpoint")
-    judge = load_toy_judge() if args.judge == "toy" else None
-    prompt_rows, skipped_long, split_by_kind = [], 0, False
-    if policies:
-        unique = {}
-        for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
-            if not isinstance(row.get("prompt"), str):
-                raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if "prompt" not in row else f"expected a string, got {type(row['prompt']).__name__}"))
-            unique.setdefault(row["prompt"], row)  # PKU-SafeRLHF repeats prompts across rows: answer each once
-        fits = lambda prompt: all(len(t(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]) < args.max_length for t in policy_tokenizers.values())
-        prompt_rows = [row for row in unique.values() if fits(row["prompt"])]
-        skipped_long = len(unique) - len(prompt_rows)
-        prompt_rows = prompt_rows[: args.max_prompts] if args.max_prompts >= 0 else prompt_rows
-        if not prompt_rows:
-            raise InputError(f"{args.prompt_data}: no prompt left to answer ({skipped_long} not shorter than --max_length {args.max_length})")
-        split_by_kind = all(isinstance(row.get("harmful"), bool) for row in prompt_rows)  # report harmful/benign apart
-    pairs = {}
-    if args.preference_data:
-        preference_rows = load_rows(args.preference_data, args.preference_split)
-        for objective in score_tokenizers:  # (prompt, better|safer, worse|unsafer, first_is_safe, second_is_safe)
-            pairs[objective] = [p for p in preference_pairs(preference_rows, args.preference_data, objective) if p[1].strip() != p[2].strip()]
-    if rank == 0:
-        print(f"evaluate: {len(policies)} policies x {len(prompt_rows)} prompts ({skipped_long} skipped: too long), "
-              + ", ".join(f"{len(p)} {objective} pairs" for objective, p in pairs.items())
-              + f", world size {args.world_size}, {'greedy' if args.greedy else 'sampled'}, bf16 {use_bf16}")
 
-    # ---- 1. answers: each policy answers this rank's shard of the prompts, prompts[rank::world_size] ----
-    local_rows = prompt_rows[rank :: args.world_size]
-    local_records = {name: [] for name in policies}
-    batches = range(0, len(local_rows), args.per_device_batch_size)
-    progress = tqdm(total=len(policies) * len(batches), desc="answers", disable=rank != 0)
-    for name, path in policies.items():
-        tokenizer = policy_tokenizers[name]
-        model = load_pretrained(AutoModelForCausalLM, path, dtype=model_dtype).to(device).eval()
-        seed_everything(args.seed + rank)  # each policy's samples are reproducible, whatever ran before it
-        for start in batches:
-            rows = local_rows[start : start + args.per_device_batch_size]
-            prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=row["prompt"]))["input_ids"] for row in rows]
-            max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompt_ids)))  # P + T <= max_length
-            sequences, attention_mask, P = generate_answers(model, tokenizer, prompt_ids, max_new_tokens, args.temperature, args.top_p, args.greedy)  # (B, P+T)
-            for i, row in enumerate(rows):
-                answer_ids = sequences[i, P:][attention_mask[i, P:].bool()].tolist()  # the answer, up to its EOS
-                if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:
-                    answer_ids = answer_ids[:-1]
-                record = {"policy": name, "prompt": row["prompt"]} | ({"harmful_prompt": row["harmful"]} if split_by_kind else {})
-                local_records[name].append(record | {"answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), "length": len(answer_ids)})
-            progress.update(1)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    progress.close()
+def parse_args(args_class):
+    """The Args dataclass from the command line, Hugging Face style: `--name value`, `--flag` / `--no_flag`, the
+    help of each flag from its field, the module docstring as the description of `--help`."""
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = HfArgumentParser(args_class, description=sys.modules[args_class.__module__].__doc__, formatter_class=formatter)
+    return parser.parse_args_into_dataclasses()[0]
 
-    # ---- 2. scores: R and C score this rank's answers and its shard of the preference pairs ----
-    local_pair_scores = {}
-    for objective, tokenizer in score_tokenizers.items():
-        model = load_pretrained(AutoModelForSequenceClassification, score_paths[objective], dtype=model_dtype).to(device).eval()
-        model.config.pad_token_id = tokenizer.pad_token_id
-        score = lambda prompts, answers: score_texts(model, tokenizer, prompts, answers, args.max_length, args.per_device_batch_size, autocast)
-        for records in local_records.values():
-            for record, value in zip(records, score([r["prompt"] for r in records], [r["answer"] for r in records])):
-                record[objective] = value
-        if objective in pairs:
-            shard = pairs[objective][rank :: args.world_size]
-            values = score([p[0] for p in shard] * 2, [p[1] for p in shard] + [p[2] for p in shard])  # firsts, then seconds
-            local_pair_scores[objective] = list(zip(values[: len(shard)], values[len(shard) :]))
-        del model
 
-    # ---- 3. gather on rank 0, in the original order ----
-    records = {name: gather_shards(local, args.world_size) for name, local in local_records.items()}
-    pair_scores = {objective: gather_shards(local, args.world_size) for objective, local in local_pair_scores.items()}
-    results = None
-    if rank == 0:
-        results = {"world_size": args.world_size}
-        # 4. score models: accuracy on the pairs, and the cost sign against each answer's own label
-        if pairs:
-            results["preference_data"], results["score_models"], histogram_groups = args.preference_data, {}, {}
-            for objective, scores in pair_scores.items():
-                first, second = [s[0] for s in scores], [s[1] for s in scores]
-                if objective == "reward":  # first = better answer
-                    accuracy = mean([float(b > w) for b, w in zip(first, second)])
-                    histogram_groups["reward"] = {"better answer": first, "worse answer": second}
-                    results["score_models"]["reward"] = {"pairs": len(scores), "accuracy": accuracy}
-                else:  # first = safer answer: the unsafer one should cost more
-                    is_safe = [p[3] for p in pairs["cost"]] + [p[4] for p in pairs["cost"]]
-                    costs = first + second
-                    histogram_groups["cost"] = {"labelled safe": [c for c, s in zip(costs, is_safe) if s], "labelled unsafe": [c for c, s in zip(costs, is_safe) if not s]}
-                    results["score_models"]["cost"] = {"pairs": len(scores), "accuracy": mean([float(u > s) for s, u in zip(first, second)]),
-                                                       "sign_accuracy": sign_accuracy(costs, is_safe)}
-        # 5. policies: oracle labels, per-policy numbers (split by prompt kind), the arena and Elo
-        if policies:
-            if judge:
-                for record in (r for name in records for r in records[name]):
-                    verdict = judge(record["prompt"], record["answer"])
-                    record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict["archetype"])
-            results.update(prompt_data=args.prompt_data, prompts=len(prompt_rows), greedy=args.greedy, policies={})
-            for name, answers in records.items():
-                results["policies"][name] = {"all": policy_summary(answers)}
-                if split_by_kind:
-                    results["policies"][name]["harmful_prompts"] = policy_summary([r for r in answers if r["harmful_prompt"]])
-                    results["policies"][name]["benign_prompts"] = policy_summary([r for r in answers if not r["harmful_prompt"]])
-            column = lambda name, key: [r[key] for r in records[name]]
-            results["arena"] = [{"a": a, "b": b, **arena_counts(column(a, "reward"), column(a, "cost"), column(b, "reward"), column(b, "cost"))}
-                                for a, b in itertools.combinations(policies, 2)]
-            if len(policies) > 1:
-                elo = lambda matches: elo_ratings(matches, args.elo_k, args.elo_initial, args.elo_rounds, args.seed)
-                results["elo"] = {"helpfulness": elo(pairwise_matches({n: column(n, "reward") for n in policies})),
-                                  "harmlessness": elo(pairwise_matches({n: column(n, "cost") for n in policies}, higher_wins=False)),
-                                  "k": args.elo_k, "initial": args.elo_initial, "rounds": args.elo_rounds}
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
 
-        # ---- write: OUTPUT_DIR.partial, renamed into place when complete ----
-        partial = start_output_dir(args.output_dir)
-        report = report_markdown(results)
-        (partial / "results.json").write_text(json.dumps(results, indent=2))
-        (partial / "report.md").write_text(report)
-        (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        if pairs:
-            plot_score_histograms(histogram_groups, partial / "score_histogram.png")
-        if policies:
-            with open(partial / "answers.jsonl", "w", encoding="utf-8") as file:
-                for record in (r for name in records for r in records[name]):
-                    first = {key: record[key] for key in ("policy", "prompt", "answer", "reward", "cost")}
-                    file.write(json.dumps(first | record) + "\n")  # the five main fields first
-            plot_policies(records, results, partial)
-            curves = read_training_curves(policies)  # PPO runs among the policies: how they got there
-            if curves:
-                plot_training_curves(curves, partial / "training_curves.png")
-        finish_output_dir(partial, args.output_dir)
-        print("\n" + report + f"\nwrote {args.output_dir} ({time.time() - start_time:.0f} s)")
-    dist.barrier()
-    dist.destroy_process_group()
-    return results  # for tests (None on ranks other than 0)
+
+def load_rows(source, split):
+    """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
+    data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
+    import datasets
+    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(source).suffix)
+    if builder and not Path(source).is_file():
+        raise InputError(f"{source}: no such file")
+    if not builder and Path(source).exists():
+        raise InputError(f"{source}: unknown format; give a .json, .jsonl, .parquet or .csv file, or a hub data set NAME[@REVISION]")
+    if builder and Path(source).stat().st_size == 0:
+        raise InputError(f"{source}: no rows (the file is empty)")
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
+    name, _, revision = source.partition("@")
+    try:
+        if builder:
+            dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        else:
+            dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+    except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
+        cause = error.__cause__ or error
+        raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
+    if len(dataset) == 0:
+        raise InputError(f"{source}: no rows")
+    return list(dataset)
+
+
+def load_pretrained(model_class, name_or_path, **kwargs):
+    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+
+
+def start_output_dir(output_dir):
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")  # Path() drops a trailing slash
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_output_dir(partial, output_dir):
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    output_dir = Path(output_dir)
+    old = output_dir.with_name(output_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output_dir.exists():
+        output_dir.rename(old)
+    partial.rename(output_dir)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ safe, so that a negative cost means safe:
     L_C = mean[ -log σ(C(x, y_u) - C(x, y_s)) - log σ(s(y_u) · C(x, y_u)) - log σ(s(y_s) · C(x, y_s)) ]  +  μ · mean(C²)
 
 μ (`--regularization`) keeps the scores near zero. Both answers of a pair go through the model in one
-concatenated forward pass of 2B sequences.
+concatenated forward pass of 2B sequences. The saved config records `objective` (reward or cost), which the
+later stages check, so a swapped pair of models is caught before it trains a policy towards harm.
 
 Run (toy world, one process):
     python preference_model.py --objective reward --model_name_or_path runs/toy/sft \
         --train_data data/toy/preference_train.jsonl --eval_data data/toy/preference_test.jsonl \
-        --output_dir runs/toy/reward --lr 5e-4 --epochs 2 --max_length 128 --no-gradient_checkpointing
+        --output_dir runs/toy/reward --lr 5e-4 --epochs 2 --max_length 128 --no_gradient_checkpointing
     python preference_model.py --objective cost ... --output_dir runs/toy/cost
 Run (paper scale, 8 GPUs; the defaults are the reference's settings):
     torchrun --standalone --nproc_per_node=8 preference_model.py --objective cost \
@@ -31,12 +32,13 @@ Run (paper scale, 8 GPUs; the defaults are the reference's settings):
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
+from collections import namedtuple
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,16 +50,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, get_scheduler, set_seed
 
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 
 
 @dataclass
 class Args:
-    objective: str = field(default="reward", metadata={"help": "which model to train: 'reward' (helpfulness) or 'cost' (harmlessness)"})
+    objective: str = field(default="reward", metadata={"help": "which model to train: reward (helpfulness) or cost (harmlessness)", "choices": ["reward", "cost"]})
     model_name_or_path: str = field(default="output/sft", metadata={"help": "the SFT checkpoint to start from (hub id or local directory)"})
-    train_data: str = field(default=PKU_SAFERLHF, metadata={"help": "PKU-SafeRLHF-format preference pairs: local .json/.jsonl/.parquet or hub NAME[@REVISION]"})
+    train_data: str = field(default=PKU_SAFERLHF, metadata={"help": "PKU-SafeRLHF-format preference pairs: local .json/.jsonl/.parquet/.csv or hub NAME[@REVISION]"})
     train_split: str = field(default="train", metadata={"help": "split of a hub training data set"})
     eval_data: str = field(default=PKU_SAFERLHF, metadata={"help": "held-out preference pairs, same formats ('' to skip evaluation)"})
     eval_split: str = field(default="test", metadata={"help": "split of a hub evaluation data set"})
@@ -69,232 +72,24 @@ class Args:
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "pairs per device per evaluation step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up: cosine, linear or constant"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up", "choices": ["cosine", "linear", "constant"]})
     lr_warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the optimiser steps spent warming up"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    adam_betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
     regularization: float = field(default=0.001, metadata={"help": "μ, the weight of the mean squared score that keeps scores near zero"})
     seed: int = field(default=42, metadata={"help": "random seed"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast, used only where the device supports it (CUDA with bf16)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass to save memory"})
     logging_steps: int = field(default=1, metadata={"help": "log the training loss every N optimiser steps"})
+    report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
     global_batch_size: int = field(default=0, init=False)
 
 
-# ---- shared setup: the same lines in sft.py, preference_model.py, ppo_lagrangian.py and evaluate.py ----
-# (tests/test_shared_code.py fails if the copies drift apart)
-PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
-
-
-class InputError(Exception):
-    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
-
-
-def parse_args(args_class, argv=None):
-    """One --flag per dataclass field, its help from the field's metadata; --flag/--no-flag for booleans."""
-    parser = argparse.ArgumentParser(description=sys.modules[args_class.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(args_class):
-        if not f.init:  # derived at run time
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs = {"default": default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
-        if f.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif getattr(f.type, "__origin__", None) is tuple:
-            kwargs.update(type=f.type.__args__[0], nargs=len(f.type.__args__))
-        elif getattr(f.type, "__origin__", None) is list:  # --name a b, or --name a --name b
-            kwargs.update(type=f.type.__args__[0], nargs="+", action="extend")
-        else:
-            kwargs["type"] = f.type
-        parser.add_argument(f"--{f.name}", **kwargs)
-    values = vars(parser.parse_args(argv))
-    for f in dataclasses.fields(args_class):
-        if getattr(f.type, "__origin__", None) is tuple and f.init:
-            values[f.name] = tuple(values[f.name])
-    return args_class(**values)
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
-def load_rows(source, split):
-    """Rows (dicts) of a local .json/.jsonl/.parquet file, or of a hub data set given as NAME or NAME@REVISION."""
-    path = Path(source)
-    if path.suffix in (".json", ".jsonl", ".parquet"):
-        if not path.is_file():
-            raise InputError(f"{source}: no such file")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            rows = pq.read_table(path).to_pylist()
-        elif path.suffix == ".json":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise InputError(f"{source}: not valid JSON ({error})") from None
-            if not isinstance(rows, list):
-                raise InputError(f"{source}: a .json file must hold a list of rows")
-        else:
-            rows = []
-            for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{source}, line {line_number}: not valid JSON ({error})") from None
-    elif path.exists():
-        raise InputError(f"{source}: unknown format '{path.suffix}'; use .json, .jsonl or .parquet, or a hub data-set name")
-    else:
-        import datasets
-        name, _, revision = source.partition("@")
-        try:
-            rows = list(datasets.load_dataset(name, split=split, revision=revision or None))
-        except Exception as error:  # offline, unknown name, unknown split, ...
-            raise InputError(f"{source}: not a local file, and loading it from the hub failed: {error}") from None
-    for row_number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise InputError(f"{source}, row {row_number}: expected a JSON object, got {type(row).__name__}")
-    if not rows:
-        raise InputError(f"{source}: no rows")
-    return rows
-
-
-def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
-    try:
-        return model_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
-
-
-def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
-    """Token ids of the templated prompt (with BOS if the tokenizer adds one) and of ' answer' + EOS, truncated
-    to max_length in total. They are tokenised apart so that every stage sees the same boundary."""
-    prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"][:max_length]
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
-
-
-def write_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
-    partial = Path(f"{output_dir}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
-    output_dir, old = Path(output_dir), Path(f"{output_dir}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if output_dir.exists():
-        output_dir.rename(old)
-    partial.rename(output_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def wrap_ddp(model, device):
-    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
-    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
-    if dist.get_world_size() == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model):
-    """The model inside DDP, or the model itself in a world of one."""
-    return model.module if isinstance(model, DDP) else model
-
-
-def no_sync(model):
-    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
-    return model.no_sync() if isinstance(model, DDP) else nullcontext()
-# ---- end of shared setup ----
-
-
-def preference_pairs(rows, source, objective):
-    """(prompt, first, second, first_is_safe, second_is_safe) per row: (better, worse) for the reward model,
-    (safer, unsafer) for the cost model. Checks every field a PKU-SafeRLHF row needs."""
-    pairs = []
-    for row_number, row in enumerate(rows, start=1):
-        where = f"{source}, row {row_number}"
-        for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
-                           ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
-            if name not in row:
-                raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
-                                 f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
-            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))):
-                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else kind.__name__}, got {row[name]!r}")
-        responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
-        first = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
-        second = 1 - first
-        if objective == "cost" and not is_safe[first] and is_safe[second]:
-            raise InputError(f"{where}: inconsistent safety labels: the safer answer (response_{first}) is labelled unsafe "
-                             f"while response_{second} is labelled safe")
-        pairs.append((row["prompt"], responses[first], responses[second], is_safe[first], is_safe[second]))
-    return pairs
-
-
-def pair_examples(tokenizer, pairs, max_length):
-    """Token ids of both answers of each pair; a pair whose answers are identical after tokenisation is skipped."""
-    examples, identical = [], 0
-    for prompt, first, second, first_is_safe, second_is_safe in pairs:
-        prompt_ids, first_ids = tokenize_prompt_and_answer(tokenizer, prompt, first, max_length)
-        _, second_ids = tokenize_prompt_and_answer(tokenizer, prompt, second, max_length)
-        if first_ids == second_ids:
-            identical += 1
-            continue
-        examples.append({"first": prompt_ids + first_ids, "second": prompt_ids + second_ids,
-                         "first_is_safe": first_is_safe, "second_is_safe": second_is_safe})
-    return examples, identical
-
-
-def collate_pairs(examples, pad_token_id):
-    """Both answers of B pairs as one right-padded batch of 2B sequences: rows [0, B) first, [B, 2B) second."""
-    sequences = [e["first"] for e in examples] + [e["second"] for e in examples]
-    length = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), length), pad_token_id)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        input_ids[i, : len(ids)], attention_mask[i, : len(ids)] = torch.tensor(ids), 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "first_is_safe": torch.tensor([e["first_is_safe"] for e in examples]),
-            "second_is_safe": torch.tensor([e["second_is_safe"] for e in examples])}
-
-
-def end_scores(score_model, input_ids, attention_mask):
-    """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
-    Position ids follow the attention mask, so padding changes nothing."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1).float()
-
-
-# ---- Safe RLHF, stage 2: the preference-model losses (paper §3.2) ----
+# ---- Safe RLHF, stage 2: the preference-model losses (paper §3.2). Scores are end scores, one per answer ----
 def reward_loss(better_scores, worse_scores, regularization=0.0):
     # L_R = -mean log σ(r_w - r_l) + μ · mean over all 2B scores of r²
     bradley_terry = -F.logsigmoid(better_scores - worse_scores).mean()
@@ -315,19 +110,96 @@ def cost_loss(safer_costs, unsafer_costs, safer_is_safe, unsafer_is_safe, regula
     return (bradley_terry + unsafer_classification + safer_classification).mean() + regularization * regularizer
 
 
-def pair_loss(objective, first_scores, second_scores, batch, regularization):
+def preference_loss(objective, preferred_scores, rejected_scores, batch, regularization):
+    # the reward model ranks better over worse; the cost model ranks the unsafer (rejected) answer above the safer one
     if objective == "reward":
-        return reward_loss(first_scores, second_scores, regularization)
-    return cost_loss(first_scores, second_scores, batch["first_is_safe"], batch["second_is_safe"], regularization)
+        return reward_loss(preferred_scores, rejected_scores, regularization)
+    return cost_loss(preferred_scores, rejected_scores, batch["preferred_is_safe"], batch["rejected_is_safe"], regularization)
+
+
+def correct_order(objective, preferred_scores, rejected_scores):
+    # accuracy: the better answer scores higher (reward); the unsafer answer costs more (cost)
+    return preferred_scores > rejected_scores if objective == "reward" else rejected_scores > preferred_scores
+
+
+# ---- data to tensors ----
+PreferencePair = namedtuple("PreferencePair", "prompt preferred rejected preferred_is_safe rejected_is_safe")
+
+
+def preference_pairs(rows, source, objective):
+    """A PreferencePair per PKU-SafeRLHF row: preferred = the better answer (better_response_id) for the reward model,
+    the safer one (safer_response_id) for the cost model; rejected = the other. Checks every field a row needs."""
+    pairs = []
+    for row_number, row in enumerate(rows, start=1):
+        where = f"{source}, row {row_number}"
+        for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
+                           ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
+            if row.get(name) is None:
+                raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
+                                 f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
+            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))):
+                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else kind.__name__}, got {row[name]!r}")
+        responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
+        preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
+        rejected = 1 - preferred
+        if objective == "cost" and not is_safe[preferred] and is_safe[rejected]:
+            raise InputError(f"{where}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
+                             f"while response_{rejected} is labelled safe")
+        pairs.append(PreferencePair(row["prompt"], responses[preferred], responses[rejected], is_safe[preferred], is_safe[rejected]))
+    return pairs
+
+
+def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
+    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. As in the reference,
+    the answer is tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by
+    the prompt's own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone
+    gives other tokens than the ones a model generates after `ASSISTANT:`."""
+    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
+    prompt_ids = tokenizer(prompt_text)["input_ids"]
+    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :] + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[:max_length]
+    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
+
+
+def pair_examples(tokenizer, pairs, max_length):
+    """Token ids of both answers of each pair; a pair whose answers are identical after tokenisation is skipped."""
+    examples, identical = [], 0
+    for pair in pairs:
+        prompt_ids, preferred_ids = tokenize_prompt_and_answer(tokenizer, pair.prompt, pair.preferred, max_length)
+        _, rejected_ids = tokenize_prompt_and_answer(tokenizer, pair.prompt, pair.rejected, max_length)
+        if preferred_ids == rejected_ids:
+            identical += 1
+            continue
+        examples.append({"preferred": prompt_ids + preferred_ids, "rejected": prompt_ids + rejected_ids,
+                         "preferred_is_safe": pair.preferred_is_safe, "rejected_is_safe": pair.rejected_is_safe})
+    return examples, identical
+
+
+def collate_pairs(examples, pad_token_id):
+    """Both answers of B pairs as one right-padded batch of 2B sequences: rows [0, B) preferred, [B, 2B) rejected."""
+    sequences = [e["preferred"] for e in examples] + [e["rejected"] for e in examples]
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), length), pad_token_id)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, : len(ids)], attention_mask[i, : len(ids)] = torch.tensor(ids), 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "preferred_is_safe": torch.tensor([e["preferred_is_safe"] for e in examples]),
+            "rejected_is_safe": torch.tensor([e["rejected_is_safe"] for e in examples])}
+
+
+def end_scores(score_model, input_ids, attention_mask):
+    """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
+    Position ids follow the attention mask, so padding changes nothing."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits.squeeze(-1).float()
 
 
 def main():
     args = parse_args(Args)
-    if args.objective not in ("reward", "cost"):
-        raise InputError(f"--objective must be 'reward' or 'cost', not '{args.objective}'")
     rank, args.world_size, device = setup_distributed()
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    seed_everything(args.seed + rank)
+    set_seed(args.seed + rank)
     use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -336,10 +208,12 @@ def main():
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise InputError(f"{args.model_name_or_path}: the tokenizer's pad token must exist and differ from EOS, or the score "
                          "would not be read at the EOS; sft.py adds one, so start from an sft.py checkpoint")
-    train_examples, train_identical = pair_examples(tokenizer, preference_pairs(load_rows(args.train_data, args.train_split), args.train_data, args.objective), args.max_length)
+    train_pairs = preference_pairs(load_rows(args.train_data, args.train_split), args.train_data, args.objective)
+    train_examples, train_identical = pair_examples(tokenizer, train_pairs, args.max_length)
     eval_examples, eval_identical = [], 0
     if args.eval_data:
-        eval_examples, eval_identical = pair_examples(tokenizer, preference_pairs(load_rows(args.eval_data, args.eval_split), args.eval_data, args.objective), args.max_length)
+        eval_pairs = preference_pairs(load_rows(args.eval_data, args.eval_split), args.eval_data, args.objective)
+        eval_examples, eval_identical = pair_examples(tokenizer, eval_pairs, args.max_length)
     if len(train_examples) < args.global_batch_size:
         raise InputError(f"{args.train_data}: {len(train_examples)} usable pairs, fewer than one global batch ({args.global_batch_size})")
 
@@ -357,40 +231,39 @@ def main():
                         collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on norms and biases
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=args.adam_betas)
+                                  lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.lr_warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
     partial = start_output_dir(args.output_dir) if rank == 0 else None
+    tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
     if rank == 0:
         print(f"{args.objective} model: {len(train_examples)} training pairs ({train_identical} skipped: identical answers), "
               f"{len(eval_examples)} eval pairs ({eval_identical} skipped), world size {args.world_size}, "
               f"global batch {args.global_batch_size} pairs, {total_steps} optimiser steps, bf16 {use_bf16}")
 
     def evaluate():
-        """Accuracy (first answer scored higher: better for reward, unsafer for cost), and for cost the sign
-        accuracy (cost > 0 ⇔ labelled unsafe), counted on each rank's shard and summed over ranks."""
+        """Accuracy (better answer scored higher, or unsafer answer costlier), and for cost the sign accuracy
+        (cost > 0 ⇔ labelled unsafe), counted on each rank's shard and summed over ranks."""
         model.eval()
         counts = torch.zeros(4, device=device)  # (pairs, correct order, answers, correct sign)
         loss_sum = torch.zeros((), device=device)
-        scores = {"first": [], "second": [], "first_is_safe": [], "second_is_safe": []}
+        scores = {"preferred": [], "rejected": [], "preferred_is_safe": [], "rejected_is_safe": []}
         shard = eval_examples[rank :: args.world_size]
         with torch.no_grad(), autocast:
             for start in range(0, len(shard), args.per_device_eval_batch_size):
                 chunk = shard[start : start + args.per_device_eval_batch_size]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
-                first_scores, second_scores = end_scores(unwrap(model), batch["input_ids"], batch["attention_mask"]).chunk(2)
-                loss_sum += pair_loss(args.objective, first_scores, second_scores, batch, args.regularization) * len(chunk)
-                if args.objective == "reward":  # first = better: it should score higher
-                    correct_order = (first_scores > second_scores).sum()
-                else:  # first = safer: the unsafer (second) should cost more
-                    correct_order = (second_scores > first_scores).sum()
-                correct_sign = ((first_scores > 0) == ~batch["first_is_safe"]).sum() + ((second_scores > 0) == ~batch["second_is_safe"]).sum()
-                counts += torch.stack([torch.tensor(len(chunk), device=device), correct_order, torch.tensor(2 * len(chunk), device=device), correct_sign]).float()
-                for key, value in (("first", first_scores), ("second", second_scores), ("first_is_safe", batch["first_is_safe"]), ("second_is_safe", batch["second_is_safe"])):
+                preferred_scores, rejected_scores = end_scores(unwrap(model), batch["input_ids"], batch["attention_mask"]).chunk(2)
+                loss_sum += preference_loss(args.objective, preferred_scores, rejected_scores, batch, args.regularization) * len(chunk)
+                correct_sign = ((preferred_scores > 0) == ~batch["preferred_is_safe"]).sum() + ((rejected_scores > 0) == ~batch["rejected_is_safe"]).sum()
+                counts += torch.stack([torch.tensor(len(chunk), device=device), correct_order(args.objective, preferred_scores, rejected_scores).sum(),
+                                       torch.tensor(2 * len(chunk), device=device), correct_sign]).float()
+                for key, value in (("preferred", preferred_scores), ("rejected", rejected_scores),
+                                   ("preferred_is_safe", batch["preferred_is_safe"]), ("rejected_is_safe", batch["rejected_is_safe"])):
                     scores[key] += value.tolist()
         dist.all_reduce(counts)
         dist.all_reduce(loss_sum)
@@ -404,10 +277,8 @@ def main():
     model.train()
     progress = tqdm(total=total_steps, desc=args.objective, disable=rank != 0)
     step, start_time, eval_metrics = 0, time.time(), {}
-    score_moments = torch.zeros(3, device=device)  # (count, Σ score, Σ score²) of the last epoch's end scores
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
-        score_moments.zero_()
         micro_batches = iter(loader)
         for _ in range(steps_per_epoch):
             if step == total_steps:
@@ -420,14 +291,13 @@ def main():
                 last = i == args.gradient_accumulation_steps - 1
                 with (nullcontext() if last else no_sync(model)), autocast:
                     scores = end_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-                    first_scores, second_scores = scores.chunk(2)  # (B,), (B,)
-                    loss = pair_loss(args.objective, first_scores, second_scores, batch, args.regularization)
+                    preferred_scores, rejected_scores = scores.chunk(2)  # (B,), (B,)
+                    loss = preference_loss(args.objective, preferred_scores, rejected_scores, batch, args.regularization)
                 # every micro-batch holds the same number of pairs, so the mean of micro-batch means is the
                 # global mean (DDP averages over ranks)
                 (loss / args.gradient_accumulation_steps).backward()
                 local_loss += loss.detach() / args.gradient_accumulation_steps
-                local_correct += ((first_scores > second_scores) if args.objective == "reward" else (second_scores > first_scores)).float().mean().detach() / args.gradient_accumulation_steps
-                score_moments += torch.stack([torch.tensor(float(scores.numel()), device=device), scores.detach().sum(), scores.detach().square().sum()])
+                local_correct += correct_order(args.objective, preferred_scores, rejected_scores).float().mean().detach() / args.gradient_accumulation_steps
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
             optimizer.step()
             scheduler.step()
@@ -442,25 +312,22 @@ def main():
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}")
             if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
-                write_jsonl(partial / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy,
-                                                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()})
+                log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy,
+                                                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()})
         if eval_examples:
             eval_metrics, eval_scores = evaluate()
             if rank == 0:
                 progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-                write_jsonl(partial / "metrics.jsonl", {"step": step, "epoch": epoch + 1, **eval_metrics})
+                log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, **eval_metrics})
         if step == total_steps:
             break
     progress.close()
 
-    # ---- save: checkpoint (with the objective and the training score statistics in its config) ----
-    dist.all_reduce(score_moments)
-    count, total, total_squares = score_moments.tolist()
+    # ---- save: the checkpoint, with its objective in the config so that later stages can check it ----
     unwrapped = unwrap(model)
     unwrapped.config.objective = args.objective
-    unwrapped.config.score_mean = total / count
-    unwrapped.config.score_std = math.sqrt(max(total_squares / count - (total / count) ** 2, 0.0))
     if rank == 0:
+        stop_tracker(tracker)
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -475,6 +342,7 @@ def main():
     return {"model": unwrapped, "metrics": eval_metrics}  # for tests that compare ranks
 
 
+# ---- outputs ----
 def plot_score_histogram(scores, objective, path):
     """Eval end scores split by label: better vs worse answers (reward), safe vs unsafe answers (cost)."""
     import matplotlib
@@ -482,9 +350,9 @@ def plot_score_histogram(scores, objective, path):
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(6, 4))
     if objective == "reward":
-        groups = {"better answer": scores["first"], "worse answer": scores["second"]}
+        groups = {"better answer": scores["preferred"], "worse answer": scores["rejected"]}
     else:
-        answers = list(zip(scores["first"] + scores["second"], scores["first_is_safe"] + scores["second_is_safe"]))
+        answers = list(zip(scores["preferred"] + scores["rejected"], scores["preferred_is_safe"] + scores["rejected_is_safe"]))
         groups = {"labelled safe": [s for s, safe in answers if safe], "labelled unsafe": [s for s, safe in answers if not safe]}
     bins = np.linspace(min(min(v) for v in groups.values() if v), max(max(v) for v in groups.values() if v), 40)
     for label, values in groups.items():
@@ -498,6 +366,136 @@ def plot_score_histogram(scores, objective, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# ---- plumbing shared by the four scripts (tests/test_shared_code.py: a name defined in several has the same code) ----
+class InputError(Exception):
+    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
+
+
+def parse_args(args_class):
+    """The Args dataclass from the command line, Hugging Face style: `--name value`, `--flag` / `--no_flag`, the
+    help of each flag from its field, the module docstring as the description of `--help`."""
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = HfArgumentParser(args_class, description=sys.modules[args_class.__module__].__doc__, formatter_class=formatter)
+    return parser.parse_args_into_dataclasses()[0]
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_rows(source, split):
+    """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
+    data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
+    import datasets
+    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(source).suffix)
+    if builder and not Path(source).is_file():
+        raise InputError(f"{source}: no such file")
+    if not builder and Path(source).exists():
+        raise InputError(f"{source}: unknown format; give a .json, .jsonl, .parquet or .csv file, or a hub data set NAME[@REVISION]")
+    if builder and Path(source).stat().st_size == 0:
+        raise InputError(f"{source}: no rows (the file is empty)")
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
+    name, _, revision = source.partition("@")
+    try:
+        if builder:
+            dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        else:
+            dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+    except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
+        cause = error.__cause__ or error
+        raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
+    if len(dataset) == 0:
+        raise InputError(f"{source}: no rows")
+    return list(dataset)
+
+
+def load_pretrained(model_class, name_or_path, **kwargs):
+    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+
+
+def start_tracker(report_to, partial, args):
+    """The experiment tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(partial / "runs")
+    if report_to == "wandb":
+        import wandb  # optional: pip install wandb
+        return wandb.init(config=dataclasses.asdict(args), dir=partial)
+    return None
+
+
+def log_metrics(partial, tracker, step, metrics):
+    """One line of OUTPUT_DIR/metrics.jsonl, and the same numbers to the tracker."""
+    with open(partial / "metrics.jsonl", "a", encoding="utf-8") as file:
+        file.write(json.dumps(metrics) + "\n")
+    if hasattr(tracker, "add_scalar"):  # TensorBoard
+        for name, value in metrics.items():
+            tracker.add_scalar(name, value, step)
+    elif tracker is not None:  # wandb
+        tracker.log(metrics, step=step)
+
+
+def stop_tracker(tracker):
+    """Flush and close the tracker before OUTPUT_DIR.partial is renamed."""
+    if tracker is not None:
+        tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
+
+
+def start_output_dir(output_dir):
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")  # Path() drops a trailing slash
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_output_dir(partial, output_dir):
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    output_dir = Path(output_dir)
+    old = output_dir.with_name(output_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output_dir.exists():
+        output_dir.rename(old)
+    partial.rename(output_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def wrap_ddp(model, device):
+    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
+    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
+    if dist.get_world_size() == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The model inside DDP, or the model itself in a world of one."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def no_sync(model):
+    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
+    return model.no_sync() if isinstance(model, DDP) else nullcontext()
 
 
 if __name__ == "__main__":

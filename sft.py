@@ -11,14 +11,15 @@ where x is the templated prompt `BEGINNING OF CONVERSATION: USER: {prompt} ASSIS
 followed by EOS. The mean is over every answer token of the *global* batch (all ranks, all accumulation
 steps), so the update does not depend on how a batch is split across GPUs.
 
-Deliberate differences from the reference code: the prompt and the answer are tokenised separately and
-concatenated (the reference tokenises them as one string), so the prompt/answer boundary is exact and the
-same in every stage; and we use plain PyTorch DDP instead of DeepSpeed.
+As in the reference code, the prompt and the answer are tokenised as one text (`template + " " + answer`) and the
+prompt's tokens are masked by the prompt's own token count, so the answer gets exactly the tokens a model
+generates after `ASSISTANT:`. Alpaca rows become `instruction + " " + input`, as in the reference.
+Deliberate difference from the reference code: plain PyTorch DDP instead of DeepSpeed.
 
 Run (toy world, one process, from scratch):
     python sft.py --model_name_or_path data/tiny-llama --from_scratch --train_data data/toy/sft.jsonl \
         --output_dir runs/toy/sft --epochs 4 --lr 1e-3 --per_device_train_batch_size 32 \
-        --gradient_accumulation_steps 1 --max_length 128
+        --gradient_accumulation_steps 1 --max_length 128 --no_gradient_checkpointing
 Run (paper scale, 8 GPUs; the defaults are the reference's 7B settings):
     torchrun --standalone --nproc_per_node=8 sft.py --model_name_or_path huggyllama/llama-7b \
         --train_data tatsu-lab/alpaca --output_dir output/sft
@@ -27,9 +28,9 @@ Run (paper scale, 8 GPUs; the defaults are the reference's 7B settings):
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -37,21 +38,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_scheduler, set_seed
+
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
 
 @dataclass
 class Args:
     model_name_or_path: str = field(default="huggyllama/llama-7b", metadata={"help": "hub id or local directory of the base model (or of its config with --from_scratch)"})
     from_scratch: bool = field(default=False, metadata={"help": "initialise the weights from the config instead of loading them (the toy world's stand-in for pre-training)"})
-    train_data: str = field(default="tatsu-lab/alpaca", metadata={"help": "local .json/.jsonl/.parquet file or hub data set (NAME or NAME@REVISION); {prompt, response} or Alpaca {instruction, input, output} rows"})
+    train_data: str = field(default="tatsu-lab/alpaca", metadata={"help": "local .json/.jsonl/.parquet/.csv file or hub data set (NAME or NAME@REVISION); {prompt, response} or Alpaca {instruction, input, output} rows"})
     train_split: str = field(default="train", metadata={"help": "split of a hub training data set"})
     eval_data: str = field(default="", metadata={"help": "optional evaluation data, same formats as train_data"})
     eval_split: str = field(default="test", metadata={"help": "split of a hub evaluation data set"})
@@ -63,185 +65,61 @@ class Args:
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "sequences per device per evaluation step"})
     gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-steps per optimiser step"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up: cosine, linear or constant"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up", "choices": ["cosine", "linear", "constant"]})
     lr_warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the optimiser steps spent warming up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
     seed: int = field(default=42, metadata={"help": "random seed"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast, used only where the device supports it (CUDA with bf16)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass to save memory"})
     logging_steps: int = field(default=1, metadata={"help": "log the training loss every N optimiser steps"})
+    report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
     global_batch_size: int = field(default=0, init=False)
 
 
-# ---- shared setup: the same lines in sft.py, preference_model.py, ppo_lagrangian.py and evaluate.py ----
-# (tests/test_shared_code.py fails if the copies drift apart)
-PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+# ---- Safe RLHF, stage 1: the SFT loss (paper §3; reference note §1) ----
+def sft_loss_sum(logits, labels):
+    # Σ_t -log π(y_t | x, y_<t) over answer tokens (labels != -100); logits at t predict the token at t+1
+    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].flatten()  # (B*(T-1),)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
 
 
-class InputError(Exception):
-    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
+def count_answer_tokens(labels):
+    # the number of terms in the sum above
+    return (labels[:, 1:] != -100).sum()
 
 
-def parse_args(args_class, argv=None):
-    """One --flag per dataclass field, its help from the field's metadata; --flag/--no-flag for booleans."""
-    parser = argparse.ArgumentParser(description=sys.modules[args_class.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(args_class):
-        if not f.init:  # derived at run time
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs = {"default": default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
-        if f.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif getattr(f.type, "__origin__", None) is tuple:
-            kwargs.update(type=f.type.__args__[0], nargs=len(f.type.__args__))
-        elif getattr(f.type, "__origin__", None) is list:  # --name a b, or --name a --name b
-            kwargs.update(type=f.type.__args__[0], nargs="+", action="extend")
-        else:
-            kwargs["type"] = f.type
-        parser.add_argument(f"--{f.name}", **kwargs)
-    values = vars(parser.parse_args(argv))
-    for f in dataclasses.fields(args_class):
-        if getattr(f.type, "__origin__", None) is tuple and f.init:
-            values[f.name] = tuple(values[f.name])
-    return args_class(**values)
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
-def load_rows(source, split):
-    """Rows (dicts) of a local .json/.jsonl/.parquet file, or of a hub data set given as NAME or NAME@REVISION."""
-    path = Path(source)
-    if path.suffix in (".json", ".jsonl", ".parquet"):
-        if not path.is_file():
-            raise InputError(f"{source}: no such file")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            rows = pq.read_table(path).to_pylist()
-        elif path.suffix == ".json":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise InputError(f"{source}: not valid JSON ({error})") from None
-            if not isinstance(rows, list):
-                raise InputError(f"{source}: a .json file must hold a list of rows")
-        else:
-            rows = []
-            for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{source}, line {line_number}: not valid JSON ({error})") from None
-    elif path.exists():
-        raise InputError(f"{source}: unknown format '{path.suffix}'; use .json, .jsonl or .parquet, or a hub data-set name")
-    else:
-        import datasets
-        name, _, revision = source.partition("@")
-        try:
-            rows = list(datasets.load_dataset(name, split=split, revision=revision or None))
-        except Exception as error:  # offline, unknown name, unknown split, ...
-            raise InputError(f"{source}: not a local file, and loading it from the hub failed: {error}") from None
-    for row_number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise InputError(f"{source}, row {row_number}: expected a JSON object, got {type(row).__name__}")
-    if not rows:
-        raise InputError(f"{source}: no rows")
-    return rows
-
-
-def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
-    try:
-        return model_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
-
-
+# ---- data to tensors ----
 def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
-    """Token ids of the templated prompt (with BOS if the tokenizer adds one) and of ' answer' + EOS, truncated
-    to max_length in total. They are tokenised apart so that every stage sees the same boundary."""
-    prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"][:max_length]
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. As in the reference,
+    the answer is tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by
+    the prompt's own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone
+    gives other tokens than the ones a model generates after `ASSISTANT:`."""
+    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
+    prompt_ids = tokenizer(prompt_text)["input_ids"]
+    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :] + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[:max_length]
     return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
 
 
-def write_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
-    partial = Path(f"{output_dir}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
-    output_dir, old = Path(output_dir), Path(f"{output_dir}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if output_dir.exists():
-        output_dir.rename(old)
-    partial.rename(output_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def wrap_ddp(model, device):
-    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
-    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
-    if dist.get_world_size() == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model):
-    """The model inside DDP, or the model itself in a world of one."""
-    return model.module if isinstance(model, DDP) else model
-
-
-def no_sync(model):
-    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
-    return model.no_sync() if isinstance(model, DDP) else nullcontext()
-# ---- end of shared setup ----
-
-
 def sft_rows(rows, source):
-    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows."""
+    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows; as in the
+    reference, an Alpaca prompt is `instruction + " " + input` (or the instruction alone when input is empty)."""
     pairs = []
     for row_number, row in enumerate(rows, start=1):
-        if "prompt" in row and "response" in row:
+        if row.get("prompt") is not None and row.get("response") is not None:
             prompt, response = row["prompt"], row["response"]
-        elif "instruction" in row and "output" in row:
-            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        elif row.get("instruction") is not None and row.get("output") is not None:
+            prompt = f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
             response = row["output"]
         else:
             raise InputError(f"{source}, row {row_number}: needs the fields 'prompt' and 'response' (or Alpaca's "
-                             f"'instruction' and 'output'); it has {sorted(row)}")
+                             f"'instruction' and 'output'); it has {sorted(k for k, v in row.items() if v is not None)}")
         for name, value in (("prompt", prompt), ("response", response)):
             if not isinstance(value, str):
                 raise InputError(f"{source}, row {row_number}, field '{name}': expected a string, got {type(value).__name__}")
@@ -273,23 +151,11 @@ def collate(examples, pad_token_id):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-# ---- Safe RLHF, stage 1 ----
-def sft_loss_sum(logits, labels):
-    # Σ_t -log π(y_t | x, y_<t) over answer tokens (labels != -100); logits at t predict the token at t+1
-    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].flatten()  # (B*(T-1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-
-
-def count_answer_tokens(labels):
-    return (labels[:, 1:] != -100).sum()
-
-
 def main():
     args = parse_args(Args)
     rank, args.world_size, device = setup_distributed()
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    seed_everything(args.seed + rank)
+    set_seed(args.seed + rank)
     use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -326,14 +192,15 @@ def main():
                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on norms and biases
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=args.adam_betas)
+                                  lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.lr_warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
     partial = start_output_dir(args.output_dir) if rank == 0 else None
+    tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
     if rank == 0:
         print(f"sft: {len(train_examples)} training rows ({dropped} dropped: truncated to no answer token), "
               f"{len(eval_examples)} eval rows, world size {args.world_size}, global batch {args.global_batch_size}, "
@@ -390,7 +257,7 @@ def main():
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}")
             if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
-                write_jsonl(partial / "metrics.jsonl", {
+                log_metrics(partial, tracker, step, {
                     "step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                     "train/grad_norm": grad_norm.item(), "train/tokens": global_tokens.item(),
                     "train/elapsed_seconds": round(time.time() - start_time, 2)})
@@ -398,13 +265,14 @@ def main():
             eval_loss = evaluate()
             if rank == 0:
                 progress.write(f"epoch {epoch + 1}: eval/loss {eval_loss:.4f}")
-                write_jsonl(partial / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "eval/loss": eval_loss})
+                log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, "eval/loss": eval_loss})
         if step == total_steps:
             break
     progress.close()
 
     # ---- save: a Hugging Face checkpoint, written to OUTPUT_DIR.partial and renamed when complete ----
     if rank == 0:
+        stop_tracker(tracker)
         unwrap(model).config.use_cache = True
         unwrap(model).save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -414,6 +282,136 @@ def main():
     dist.barrier()
     dist.destroy_process_group()
     return unwrap(model)  # for tests that compare ranks
+
+
+# ---- plumbing shared by the four scripts (tests/test_shared_code.py: a name defined in several has the same code) ----
+class InputError(Exception):
+    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
+
+
+def parse_args(args_class):
+    """The Args dataclass from the command line, Hugging Face style: `--name value`, `--flag` / `--no_flag`, the
+    help of each flag from its field, the module docstring as the description of `--help`."""
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = HfArgumentParser(args_class, description=sys.modules[args_class.__module__].__doc__, formatter_class=formatter)
+    return parser.parse_args_into_dataclasses()[0]
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_rows(source, split):
+    """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
+    data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
+    import datasets
+    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(source).suffix)
+    if builder and not Path(source).is_file():
+        raise InputError(f"{source}: no such file")
+    if not builder and Path(source).exists():
+        raise InputError(f"{source}: unknown format; give a .json, .jsonl, .parquet or .csv file, or a hub data set NAME[@REVISION]")
+    if builder and Path(source).stat().st_size == 0:
+        raise InputError(f"{source}: no rows (the file is empty)")
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
+    name, _, revision = source.partition("@")
+    try:
+        if builder:
+            dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        else:
+            dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+    except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
+        cause = error.__cause__ or error
+        raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
+    if len(dataset) == 0:
+        raise InputError(f"{source}: no rows")
+    return list(dataset)
+
+
+def load_pretrained(model_class, name_or_path, **kwargs):
+    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+
+
+def start_tracker(report_to, partial, args):
+    """The experiment tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(partial / "runs")
+    if report_to == "wandb":
+        import wandb  # optional: pip install wandb
+        return wandb.init(config=dataclasses.asdict(args), dir=partial)
+    return None
+
+
+def log_metrics(partial, tracker, step, metrics):
+    """One line of OUTPUT_DIR/metrics.jsonl, and the same numbers to the tracker."""
+    with open(partial / "metrics.jsonl", "a", encoding="utf-8") as file:
+        file.write(json.dumps(metrics) + "\n")
+    if hasattr(tracker, "add_scalar"):  # TensorBoard
+        for name, value in metrics.items():
+            tracker.add_scalar(name, value, step)
+    elif tracker is not None:  # wandb
+        tracker.log(metrics, step=step)
+
+
+def stop_tracker(tracker):
+    """Flush and close the tracker before OUTPUT_DIR.partial is renamed."""
+    if tracker is not None:
+        tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
+
+
+def start_output_dir(output_dir):
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")  # Path() drops a trailing slash
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_output_dir(partial, output_dir):
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    output_dir = Path(output_dir)
+    old = output_dir.with_name(output_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output_dir.exists():
+        output_dir.rename(old)
+    partial.rename(output_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def wrap_ddp(model, device):
+    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
+    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
+    if dist.get_world_size() == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The model inside DDP, or the model itself in a world of one."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def no_sync(model):
+    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
+    return model.no_sync() if isinstance(model, DDP) else nullcontext()
 
 
 if __name__ == "__main__":

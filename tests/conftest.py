@@ -18,7 +18,7 @@ def sft_checkpoint(tmp_path_factory):
     run_script("sft.py", "--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl",
                "--output_dir", output_dir, "--epochs", 8, "--lr", 3e-3, "--lr_warmup_ratio", 0.03,
                "--per_device_train_batch_size", 32, "--gradient_accumulation_steps", 1, "--max_length", 128,
-               "--no-gradient_checkpointing", "--seed", 0)
+               "--no_gradient_checkpointing", "--seed", 0, "--report_to", "tensorboard")
     return output_dir
 
 
@@ -30,7 +30,7 @@ def preference_models(sft_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("preference")
     common = ["--model_name_or_path", sft_checkpoint, "--train_data", TOY / "preference_train.jsonl", "--eval_data",
               TOY / "preference_test.jsonl", "--epochs", 1, "--max_steps", 120, "--lr", 5e-4, "--per_device_train_batch_size", 16,
-              "--max_length", 128, "--no-gradient_checkpointing", "--seed", 0]
+              "--max_length", 128, "--no_gradient_checkpointing", "--seed", 0]
     for objective in ("reward", "cost"):
         run_script("preference_model.py", "--objective", objective, "--output_dir", out / objective, *common)
     return out

@@ -136,7 +136,9 @@ def test_a_run_writes_every_output_and_results_agree_with_answers(greedy_run, pr
     assert arena["worse_unsafe"] == sum(b["reward"] <= a["reward"] and b["cost"] > 0 for a, b in pairs)
     assert sum(arena[c] for c in ("better_safe", "better_unsafe", "worse_safe", "worse_unsafe")) == 24
     helpfulness = results["elo"]["helpfulness"]
-    assert (helpfulness["random"] > helpfulness["sft"]) == (arena["helpfulness_win_rate"] > 0.5)
+    # the Elo ladder agrees with the head-to-head win rate (at exactly 0.5 the order of the matches decides a hair)
+    elo_lead, win_lead = helpfulness["random"] - helpfulness["sft"], arena["helpfulness_win_rate"] - 0.5
+    assert elo_lead * win_lead > 0 if win_lead != 0 else abs(elo_lead) < 1.0, (elo_lead, win_lead)
     # the score models on the held-out pairs: the same accuracy preference_model.py measured at the end of training
     for objective in ("reward", "cost"):
         trained = json.loads((preference_models / objective / "eval.json").read_text())

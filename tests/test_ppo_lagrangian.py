@@ -16,7 +16,7 @@ from helpers import REPO, TOY, run_and_dump, run_script
 sys.path.insert(0, str(REPO / "data"))
 from toy_world import judge  # noqa: E402
 
-FAST = ["--max_new_tokens", 48, "--max_length", 128, "--no-gradient_checkpointing", "--no-bf16"]
+FAST = ["--max_new_tokens", 48, "--max_length", 128, "--no_gradient_checkpointing", "--no_bf16"]
 
 
 def models(sft_checkpoint, preference_models):
@@ -79,6 +79,9 @@ def test_two_ranks_end_identical(sft_checkpoint, preference_models, tmp_path):
     assert all(torch.equal(rank0["actor"][k], rank1["actor"][k]) for k in rank0["actor"])
     assert rank0["lambda"] == rank1["lambda"] and rank0["lambda"] != 1.0  # λ moved, identically on both ranks
     assert rank0["metrics"] == rank1["metrics"]
+    for name in ("reward_critic", "cost_critic"):  # both critics were trained identically on both ranks
+        assert all(torch.equal(rank0[name][k], rank1[name][k]) for k in rank0[name])
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["kl_coeff"] == 0.01  # the reference's, for ppo_lag
     # and the actor really was trained: it differs from the SFT weights it started from
     sft = AutoModelForCausalLM.from_pretrained(sft_checkpoint).state_dict()
     assert max((rank0["actor"][k] - sft[k]).abs().max().item() for k in sft) > 1e-6
@@ -98,6 +101,8 @@ def test_baselines_and_the_lambda_delay(sft_checkpoint, preference_models, tmp_p
     # plain PPO: no cost critic at all, no λ
     assert "loss/cost_critic" not in plain[0] and "lagrange/lambda" not in plain[0]
     assert not (tmp_path / "ppo" / "cost_critic").exists()
+    for name in ("shaping", "ppo"):  # the reference runs both baselines with β = 0.02 (ppo.sh, ppo-reward-shaping.sh)
+        assert json.loads((tmp_path / name / "args.json").read_text())["kl_coeff"] == 0.02
     # PPO-Lagrangian with a delay of 2 update steps: λ is fixed for the first two, then rises (cost > limit -50)
     lambdas = [m["lagrange/lambda"] for m in delayed]
     assert lambdas[0] == lambdas[1] == 0.7 and lambdas[2] > 0.7
@@ -133,7 +138,6 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, prefer
         "prompt missing": (["--prompt_data", tmp_path / "no_prompt.jsonl"], ["no_prompt.jsonl, row 2, field 'prompt': missing"]),
         "swapped models": (["--reward_model", preference_models / "cost", "--cost_model", preference_models / "reward"],
                            ["this is a cost model, but it was given as the reward model"]),
-        "bad algorithm": (["--algorithm", "dpo"], ["--algorithm must be ppo_lag, ppo or reward_shaping"]),
         "indivisible batch": (["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4], ["must divide"]),
         "missing critic": (["--reward_critic_model", tmp_path / "nope"], ["nope", "cannot load"]),
         "missing prompts": (["--prompt_data", tmp_path / "nope.jsonl"], ["nope.jsonl: no such file"]),

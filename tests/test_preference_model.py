@@ -52,6 +52,24 @@ def test_cost_gradient_pushes_safe_below_zero_and_unsafe_above():
     assert unsafer.grad.item() > 0
 
 
+def test_pairs_follow_the_labels_not_the_column_order():
+    # response_1 is the better answer and response_0 the safer one: the reward model must rank response_1 first,
+    # the cost model must treat response_0 as the safer answer (and response_1 as the unsafer one)
+    row = {"prompt": "p", "response_0": "zero", "response_1": "one", "better_response_id": 1, "safer_response_id": 0,
+           "is_response_0_safe": True, "is_response_1_safe": False}
+    (reward_pair,) = pm.preference_pairs([row], "x.jsonl", "reward")
+    (cost_pair,) = pm.preference_pairs([row], "x.jsonl", "cost")
+    assert (reward_pair.preferred, reward_pair.rejected) == ("one", "zero")
+    assert (cost_pair.preferred, cost_pair.rejected, cost_pair.preferred_is_safe, cost_pair.rejected_is_safe) == ("zero", "one", True, False)
+    # and the loss then pushes the better answer's score up: the preferred answer is the first half of the batch
+    examples, _ = pm.pair_examples(AutoTokenizer.from_pretrained(TINY_LLAMA), [reward_pair], 64)
+    batch = pm.collate_pairs(examples, 0)
+    assert batch["input_ids"][0, : batch["attention_mask"][0].sum()].tolist() == examples[0]["preferred"]
+    scores = torch.zeros(2, requires_grad=True)
+    pm.preference_loss("reward", *scores.chunk(2), batch, 0.0).backward()
+    assert scores.grad[0] < 0 < scores.grad[1]  # descent raises row 0 (response_1, the better answer)
+
+
 def test_score_is_read_at_the_eos_whatever_the_padding():
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
@@ -100,7 +118,6 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["objective"] == objective and len(config["id2label"]) == 1 and config["pad_token_id"] != config["eos_token_id"]
-    assert config["score_std"] > 0 and math.isfinite(config["score_mean"])
     # recompute the eval accuracy with the reloaded model, through plain transformers (no position ids of ours)
     rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()]
     pairs = pm.preference_pairs(rows, "preference_test.jsonl", objective)
@@ -109,9 +126,9 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
     with torch.no_grad():
         for start in range(0, len(examples), 64):
             batch = pm.collate_pairs(examples[start : start + 64], tokenizer.pad_token_id)
-            first, second = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
-            correct += ((first > second) if objective == "reward" else (second > first)).sum().item()
-            signs += ((first > 0) == ~batch["first_is_safe"]).sum().item() + ((second > 0) == ~batch["second_is_safe"]).sum().item()
+            preferred, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
+            correct += ((preferred > rejected) if objective == "reward" else (rejected > preferred)).sum().item()
+            signs += ((preferred > 0) == ~batch["preferred_is_safe"]).sum().item() + ((rejected > 0) == ~batch["rejected_is_safe"]).sum().item()
     metrics = json.loads((model_dir / "eval.json").read_text())
     assert correct / len(examples) == pytest.approx(metrics["eval/accuracy"], abs=1e-9)
     if objective == "cost":
@@ -122,7 +139,7 @@ def test_two_ranks_agree(sft_checkpoint, tmp_path):
     run_and_dump("preference_model.py", tmp_path / "dump", "--objective", "cost", "--model_name_or_path", sft_checkpoint,
                  "--train_data", TOY / "preference_train.jsonl", "--eval_data", TOY / "preference_test.jsonl",
                  "--output_dir", tmp_path / "cost", "--max_steps", 4, "--per_device_train_batch_size", 4,
-                 "--lr", 5e-4, "--max_length", 128, "--no-gradient_checkpointing", nproc=2)
+                 "--lr", 5e-4, "--max_length", 128, "--no_gradient_checkpointing", nproc=2)
     rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
     assert rank0["metrics"] == rank1["metrics"] and set(rank0["metrics"]) == {"eval/loss", "eval/accuracy", "eval/sign_accuracy"}
@@ -145,7 +162,6 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, tmp_pa
                                 ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"]),
         "missing field": (["--train_data", tmp_path / "missing.jsonl"], ["missing.jsonl, row 4", "'safer_response_id'"]),
         "bad id": (["--train_data", tmp_path / "wrong.jsonl"], ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"]),
-        "bad objective": (["--objective", "helpfulness"], ["--objective must be 'reward' or 'cost'"]),
         "missing model": (["--model_name_or_path", tmp_path / "nowhere"], ["nowhere", "cannot load"]),
         "pad equals eos": (["--model_name_or_path", TINY_LLAMA, "--objective", "reward"], []),
     }

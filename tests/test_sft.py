@@ -56,15 +56,16 @@ def test_examples_mask_exactly_the_prompt():
 
 def test_alpaca_rows_are_accepted():
     pairs = sft.sft_rows([{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi", "response": "Hello"}], "x.jsonl")
-    assert pairs == [("Add\n\n2 and 3", "5"), ("Hi", "Hello")]
+    # the reference joins instruction and input with a space (safe_rlhf/datasets/raw/alpaca.py)
+    assert pairs == [("Add 2 and 3", "5"), ("Hi", "Hello")]
 
 
 def test_accumulation_and_ddp_give_the_same_step(tmp_path):
     """One optimiser step over the same global batch of 8: (1 process, 1 micro-step of 8),
     (1 process, 4 micro-steps of 2), (2 processes, 2 micro-steps of 2) give the same parameters."""
     common = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--max_steps", 1,
-              "--lr_scheduler", "constant", "--lr_warmup_ratio", 0, "--max_length", 96, "--no-gradient_checkpointing",
-              "--no-bf16", "--seed", 0]
+              "--lr_scheduler", "constant", "--lr_warmup_ratio", 0, "--max_length", 96, "--no_gradient_checkpointing",
+              "--no_bf16", "--seed", 0]
     runs = {"full": (1, 8, 1, 1e-3), "accumulate": (1, 2, 4, 1e-3), "ddp": (2, 2, 2, 1e-3), "initial": (1, 8, 1, 0.0)}
     for name, (nproc, batch, accumulation, lr) in runs.items():
         run_and_dump("sft.py", tmp_path / name, *common, "--output_dir", tmp_path / f"out-{name}", "--lr", lr,
@@ -102,18 +103,37 @@ def test_short_run_learns_and_checkpoint_generates(sft_checkpoint):
     assert recognised >= 16, f"only {recognised}/20 greedy answers are answers of the toy world"
 
 
+def test_tensorboard_events_hold_the_training_loss(sft_checkpoint):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (events,) = (sft_checkpoint / "runs").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = [event.value for event in accumulator.Scalars("train/loss")]
+    written = [json.loads(line)["train/loss"] for line in (sft_checkpoint / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(written, rel=1e-6) and len(logged) > 10
+
+
+def test_local_csv_and_parquet_files_are_read(tmp_path):
+    import datasets
+    rows = [{"prompt": "How do I bake bread?", "response": "Mix, knead and bake."}, {"prompt": "Hi", "response": "Hello"}]
+    datasets.Dataset.from_list(rows).to_csv(tmp_path / "rows.csv", index=False)
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
+    for name in ("rows.csv", "rows.parquet"):
+        assert sft.sft_rows(sft.load_rows(str(tmp_path / name), "train"), name) == [(r["prompt"], r["response"]) for r in rows]
+
+
 def _bad_input_cases(tmp_path):
     good = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl"]
-    (tmp_path / "rows.csv").write_text("prompt,response\nhi,hello\n")
+    (tmp_path / "rows.txt").write_text("prompt,response\nhi,hello\n")
     (tmp_path / "missing_field.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
     (tmp_path / "bad_json.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n')
     (tmp_path / "wrong_type.jsonl").write_text('{"prompt": "a", "response": 7}\n')
     (tmp_path / "empty.jsonl").write_text("")
     return {
         "missing file": (["--train_data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
-        "unknown format": (["--train_data", tmp_path / "rows.csv"], ["rows.csv", "unknown format '.csv'"]),
+        "unknown format": (["--train_data", tmp_path / "rows.txt"], ["rows.txt", "unknown format"]),
         "missing field": (["--train_data", tmp_path / "missing_field.jsonl"], ["missing_field.jsonl, row 2", "'response'"]),
-        "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl, line 3", "not valid JSON"]),
+        "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl: cannot be read", "JSON parse error"]),
         "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "expected a string"]),
         "empty": (["--train_data", tmp_path / "empty.jsonl"], ["empty.jsonl: no rows"]),
         "missing model": (["--model_name_or_path", tmp_path / "no-such-model"], ["no-such-model", "cannot load"]),

@@ -1,32 +1,66 @@
-"""The four stage scripts are standalone, so they repeat a little setup. These copies must not drift apart:
-the marked shared block is identical in every script, and a function defined in two scripts is the same code."""
+"""The four stage scripts are standalone, so they repeat a little plumbing. The copies must not drift apart, and no
+script may carry what it does not use:
+- a function, class or module-level constant defined in several scripts has the same code in every one of them;
+- every top-level definition and every import of a script is used in that script;
+- each script reads algorithm first: Args, then the math, then main(), then the plumbing, last."""
 
 import ast
-import re
+
+import pytest
 
 from helpers import REPO
 
-SCRIPTS = [REPO / name for name in ("sft.py", "preference_model.py", "ppo_lagrangian.py", "evaluate.py") if (REPO / name).exists()]
-BLOCK = re.compile(r"^# ---- shared setup.*?^# ---- end of shared setup ----$", re.S | re.M)
+SCRIPTS = [REPO / name for name in ("sft.py", "preference_model.py", "ppo_lagrangian.py", "evaluate.py")]
+PLUMBING_RULE = "# ---- plumbing shared by the four scripts"
 
 
-def test_shared_block_is_identical_in_every_script():
-    blocks = {path.name: BLOCK.findall(path.read_text()) for path in SCRIPTS}
-    for name, found in blocks.items():
-        assert len(found) == 1, f"{name} must hold exactly one shared setup block"
-    reference = blocks["sft.py"][0]
-    for name, found in blocks.items():
-        assert found[0] == reference, f"the shared setup block of {name} differs from sft.py's: copy it again"
-
-
-def test_functions_with_the_same_name_have_the_same_code():
+def top_level_definitions(path):
+    """{name: source} of the functions, classes and constants (NAME = ...) defined at the top of a script."""
+    source = path.read_text()
     definitions = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            definitions[node.targets[0].id] = ast.get_source_segment(source, node)
+    return definitions
+
+
+def test_a_name_defined_in_several_scripts_has_the_same_code_everywhere():
+    copies = {}
     for path in SCRIPTS:
-        source = path.read_text()
-        for node in ast.parse(source).body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in ("main", "Args"):
-                definitions.setdefault(node.name, []).append((path.name, ast.get_source_segment(source, node)))
-    for name, copies in definitions.items():
-        first_file, first_code = copies[0]
-        for other_file, code in copies[1:]:
-            assert code == first_code, f"{name} differs between {first_file} and {other_file}"
+        for name, code in top_level_definitions(path).items():
+            if name not in ("main", "Args"):
+                copies.setdefault(name, []).append((path.name, code))
+    shared = {name: found for name, found in copies.items() if len(found) > 1}
+    assert {"PROMPT_TEMPLATE", "InputError", "parse_args", "load_rows", "tokenize_prompt_and_answer"} <= set(shared)
+    for name, found in shared.items():
+        first_file, first_code = found[0]
+        for other_file, code in found[1:]:
+            assert code == first_code, f"{name} differs between {first_file} and {other_file}: copy it again"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_every_definition_and_import_is_used(path):
+    tree = ast.parse(path.read_text())
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    used |= {node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                name = (alias.asname or alias.name).split(".")[0]
+                assert name in used, f"{path.name}: '{name}' is imported but never used"
+    for name in top_level_definitions(path):
+        if name not in ("main", "Args"):
+            assert name in used, f"{path.name}: '{name}' is defined but never used"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_the_algorithm_comes_before_the_plumbing(path):
+    source = path.read_text()
+    assert source.startswith('"""')
+    order = [source.index("class Args"), source.index("# ---- Safe RLHF, stage"), source.index("\ndef main():"), source.index(PLUMBING_RULE)]
+    assert order == sorted(order), f"{path.name}: expected Args, the math, main() and then the plumbing, in that order"
+    plumbing = source[order[-1] :]
+    assert "def setup_distributed" in plumbing and "def load_rows" in plumbing and 'if __name__ == "__main__":' in plumbing
+    assert 300 <= len(source.splitlines()) <= 800, f"{path.name}: {len(source.splitlines())} lines, a reader's budget is 300-800"

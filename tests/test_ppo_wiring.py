@@ -1,0 +1,136 @@
+"""How ppo_lagrangian.py wires its formulas together, checked where a one-line slip would hide: the log-prob and value
+slices against a token-by-token recomputation, the reward-shaping end reward by hand, and one real in-process run whose
+λ steps, episode-cost window and training mode (gradient checkpointing active during the update) are checked."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import ppo_lagrangian as ppo
+from helpers import TINY_LLAMA, TOY
+
+
+def left_padded_batch(tokenizer, prompts, answers):
+    """(sequences (B, P+T), attention_mask, P) as the rollout lays them out: prompts left-padded, answers right-padded."""
+    pairs = [ppo.tokenize_prompt_and_answer(tokenizer, p, a, 128) for p, a in zip(prompts, answers)]
+    prompt_length, answer_length = max(len(p) for p, _ in pairs), max(len(a) for _, a in pairs)
+    sequences = torch.full((len(pairs), prompt_length + answer_length), tokenizer.pad_token_id)
+    attention_mask = torch.zeros_like(sequences)
+    for i, (prompt_ids, answer_ids) in enumerate(pairs):
+        start = prompt_length - len(prompt_ids)
+        sequences[i, start : prompt_length + len(answer_ids)] = torch.tensor(prompt_ids + answer_ids)
+        attention_mask[i, start : prompt_length + len(answer_ids)] = 1
+    return sequences, attention_mask, prompt_length, pairs
+
+
+PROMPTS = ["How do I water a cactus?", "Quick question: How can I bake bread?"]
+ANSWERS = ["Sure! Rarely, and only a little.", "Mix, knead, wait and bake it hot."]
+
+
+def test_answer_log_probs_equal_a_token_by_token_recomputation():
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).eval()
+    sequences, attention_mask, prompt_length, pairs = left_padded_batch(tokenizer, PROMPTS, ANSWERS)
+    with torch.no_grad():
+        log_probs = ppo.answer_log_probs(model, sequences, attention_mask, prompt_length)  # (B, T)
+        for i, (prompt_ids, answer_ids) in enumerate(pairs):
+            for t, token in enumerate(answer_ids):  # log π(a_t | x, a_<t) from the unpadded prefix alone
+                prefix = torch.tensor([prompt_ids + answer_ids[:t]])
+                expected = torch.log_softmax(model(input_ids=prefix).logits[0, -1], dim=-1)[token]
+                assert log_probs[i, t].item() == pytest.approx(expected.item(), abs=1e-4), (i, t)
+
+
+def test_critic_values_equal_the_score_of_each_prefix():
+    # V_t is the value of the state before answer token t: the score model's head on the prefix x, a_<t
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    config = AutoConfig.from_pretrained(TINY_LLAMA, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    critic = ppo.Critic(AutoModelForSequenceClassification.from_config(config)).eval()
+    sequences, attention_mask, prompt_length, pairs = left_padded_batch(tokenizer, PROMPTS, ANSWERS)
+    with torch.no_grad():
+        values = critic(sequences, attention_mask, prompt_length)  # (B, T)
+        for i, (prompt_ids, answer_ids) in enumerate(pairs):
+            for t in range(len(answer_ids)):
+                prefix = torch.tensor([prompt_ids + answer_ids[:t]])
+                expected = ppo.end_scores(critic.score_model, prefix, torch.ones_like(prefix))
+                assert values[i, t].item() == pytest.approx(expected.item(), abs=1e-4), (i, t)
+
+
+def test_reward_shaping_end_reward_by_hand():
+    shaped = ppo.shaped_end_rewards(torch.tensor([2.0, -1.0]), torch.tensor([3.0, -0.5]), 0.5)
+    assert shaped.tolist() == [2.0 - 0.5 * 3.0, -1.0 - 0.5 * -0.5]  # a costly answer earns less, a safe one more
+
+
+# ---- one in-process run, instrumented ----
+UPDATE_ITERS, PROMPT_BATCH, TRAIN_BATCH, ROLLOUTS = 2, 8, 4, 2
+UPDATES_PER_ROLLOUT = UPDATE_ITERS * PROMPT_BATCH // TRAIN_BATCH
+LAMBDA_INIT, LAMBDA_LR, COST_LIMIT, LAMBDA_MAX = 1.0, 0.005, -5.0, 100.0  # λ rises ~2% per step, far from the cap
+
+
+@pytest.fixture(scope="module")
+def instrumented_run(sft_checkpoint, preference_models, tmp_path_factory):
+    """ppo_lag for 2 rollouts with gradient checkpointing on; in every model, the MLP of the first decoder layer counts
+    the forward passes it runs in training mode with gradients enabled."""
+    output_dir = tmp_path_factory.mktemp("wiring") / "ppo_lag"
+    argv = ["ppo_lagrangian.py", "--actor_model", str(sft_checkpoint), "--reward_model", str(preference_models / "reward"),
+            "--cost_model", str(preference_models / "cost"), "--prompt_data", str(TOY / "prompts.jsonl"), "--output_dir", str(output_dir),
+            "--max_steps", str(ROLLOUTS), "--per_device_prompt_batch_size", str(PROMPT_BATCH), "--per_device_train_batch_size", str(TRAIN_BATCH),
+            "--update_iters", str(UPDATE_ITERS), "--max_new_tokens", "32", "--max_length", "128", "--actor_lr", "1e-3", "--critic_lr", "1e-4",
+            "--kl_coeff", "0.5", "--episode_cost_window_size", str(ROLLOUTS * PROMPT_BATCH), "--lambda_init", str(LAMBDA_INIT),
+            "--lambda_lr", str(LAMBDA_LR), "--cost_limit", str(COST_LIMIT), "--lambda_max", str(LAMBDA_MAX), "--seed", "0"]
+    counts, original = {}, ppo.load_pretrained
+
+    def load_and_count(model_class, path, **kwargs):
+        model = original(model_class, path, **kwargs)
+        if isinstance(model, torch.nn.Module):
+            def count(layer, inputs, model=model):
+                if layer.training and torch.is_grad_enabled():
+                    counts[id(model)] = counts.get(id(model), 0) + 1
+            model.base_model.layers[0].mlp.register_forward_pre_hook(count)  # inside the checkpointed layer
+        return model
+
+    ppo.load_pretrained, old_argv = load_and_count, sys.argv
+    sys.argv = argv
+    try:
+        result = ppo.main()
+    finally:
+        ppo.load_pretrained, sys.argv = original, old_argv
+    return result, counts, output_dir
+
+
+def test_the_update_runs_in_training_mode_with_gradient_checkpointing(instrumented_run):
+    result, counts, _ = instrumented_run
+    updates = ROLLOUTS * UPDATES_PER_ROLLOUT
+    # with checkpointing every update forward runs twice: once forward, once recomputed in the backward pass
+    for name in ("actor", "reward_critic", "cost_critic"):
+        model = result[name] if name == "actor" else result[name].score_model
+        assert counts.get(id(model), 0) == 2 * updates, (name, counts.get(id(model), 0), updates)
+    assert len(counts) == 3  # and no frozen model ever runs in training mode with gradients
+
+
+def test_the_episode_cost_window_holds_the_raw_end_costs(instrumented_run):
+    first, second = json_lines(instrumented_run[2] / "metrics.jsonl")
+    assert second["objective/kl"] > 0.05  # the policy moved, so a KL-penalised cost would differ from the raw one
+    assert first["objective/episode_cost"] == pytest.approx(first["objective/cost"], abs=1e-5)
+    assert second["objective/episode_cost"] == pytest.approx((first["objective/cost"] + second["objective/cost"]) / 2, abs=1e-5)
+
+
+def test_lambda_takes_one_dual_step_per_update_step(instrumented_run):
+    metrics = json_lines(instrumented_run[2] / "metrics.jsonl")
+    lagrange_multiplier = LAMBDA_INIT
+    for row in metrics:
+        for _ in range(UPDATES_PER_ROLLOUT):  # log λ ← log λ + lr·λ·(J_C - d), at every update step of the rollout
+            log_lambda = math.log(lagrange_multiplier) + LAMBDA_LR * lagrange_multiplier * (row["objective/episode_cost"] - COST_LIMIT)
+            lagrange_multiplier = min(math.exp(log_lambda), LAMBDA_MAX)
+        assert row["lagrange/lambda"] == pytest.approx(lagrange_multiplier, rel=1e-5), row["rollout"]
+    assert 1.05 < lagrange_multiplier < LAMBDA_MAX / 2  # moved, and not held at the cap
+    assert instrumented_run[0]["lambda"] == pytest.approx(lagrange_multiplier, rel=1e-5)
+
+
+def json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
