@@ -46,12 +46,18 @@ if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
   NPROC=$(nvidia-smi -L | wc -l)
 fi
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
-per_device() { echo $(( $1 / NPROC > 0 ? $1 / NPROC : 1 )); }  # a global batch size, split over the processes
+per_device() { echo $(( $1 / NPROC )); }  # a global batch size, split over the processes
+for global_batch in 32 16; do  # the global batch sizes below must split exactly, or the runs would differ by machine
+  if (( global_batch % NPROC )); then
+    echo "error: the global batch size $global_batch does not split over $NPROC processes; run on 1, 2 or a divisor of 16" >&2
+    exit 1
+  fi
+done
 
 # the stage settings of the toy world (see README.md, "Results"); --smoke cuts every stage to a few steps
 SFT_STEPS=-1; PREFERENCE_STEPS=-1; PPO_STEPS=-1; EVAL_PROMPTS=-1
 if [ "$SMOKE" = 1 ]; then SFT_STEPS=3; PREFERENCE_STEPS=3; PPO_STEPS=2; EVAL_PROMPTS=8; fi
-COMMON=(--max_length 128 --no-gradient_checkpointing --seed "$SEED")
+COMMON=(--max_length 128 --no_gradient_checkpointing --seed "$SEED")
 PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "$OUT/cost" --prompt_data "$DATA/prompts.jsonl"
             --epochs 2 --max_steps "$PPO_STEPS" --max_new_tokens 48 --per_device_prompt_batch_size "$(per_device 32)"
             --per_device_train_batch_size "$(per_device 16)" --update_iters 2 --actor_lr 1e-4 --critic_lr 1e-4

@@ -49,8 +49,8 @@ def main():
     models = []  # the six models, as ppo_lagrangian.main() loads them
     phases = []  # one dict per iteration
     current = {}
-    original = {name: getattr(ppo, name) for name in ("generate_answers", "end_scores", "answer_log_probs", "write_jsonl", "load_pretrained")}
-    original_values_forward = ppo.TokenValues.forward
+    original = {name: getattr(ppo, name) for name in ("generate_answers", "end_scores", "answer_log_probs", "log_metrics", "load_pretrained")}
+    original_values_forward = ppo.Critic.forward
 
     def load_pretrained(model_class, name_or_path, **kwargs):
         loaded = original["load_pretrained"](model_class, name_or_path, **kwargs)
@@ -82,7 +82,7 @@ def main():
             return result
         return wrapper
 
-    def write_jsonl(path, record):
+    def log_metrics(partial, tracker, step, record):
         if "rollout" in record:
             sync()
             current["total"] = time.perf_counter() - current["start"]
@@ -90,24 +90,24 @@ def main():
             if cuda:
                 current["peak_bytes"] = torch.cuda.max_memory_allocated()
             phases.append(dict(current))
-        original["write_jsonl"](path, record)
+        original["log_metrics"](partial, tracker, step, record)
 
     argv = ["--algorithm", "ppo_lag", "--actor_model", actor_dir, "--reward_model", reward_dir, "--cost_model", cost_dir,
             "--prompt_data", TOY / "prompts.jsonl", "--output_dir", run_dir, "--epochs", 100, "--max_steps", args.warmup + args.iterations,
             "--per_device_prompt_batch_size", args.batch_size, "--per_device_train_batch_size", args.train_batch_size or args.batch_size,
             "--max_new_tokens", args.max_new_tokens, "--max_length", args.max_length, "--actor_lr", 1e-6, "--critic_lr", 1e-6,
-            "--no-gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no-bf16"]
+            "--no_gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no_bf16"]
     for name, value in (("generate_answers", generate_answers), ("end_scores", scoring(original["end_scores"])),
-                        ("answer_log_probs", scoring(original["answer_log_probs"])), ("write_jsonl", write_jsonl),
+                        ("answer_log_probs", scoring(original["answer_log_probs"])), ("log_metrics", log_metrics),
                         ("load_pretrained", load_pretrained)):
         setattr(ppo, name, value)
-    ppo.TokenValues.forward = scoring(original_values_forward)
+    ppo.Critic.forward = scoring(original_values_forward)
     try:
         run_main(ppo, argv)
     finally:
         for name, value in original.items():
             setattr(ppo, name, value)
-        ppo.TokenValues.forward = original_values_forward
+        ppo.Critic.forward = original_values_forward
 
     timed = phases[args.warmup:]
     shares = {phase: median([p[phase] / p["total"] for p in timed]) for phase in ("generation", "scoring", "learning")}

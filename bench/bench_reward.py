@@ -33,13 +33,13 @@ REGULARIZATION = 0.001
 
 def run_ours(args, model_dir, run_dir):
     stamps, tokens = [], []
-    original_write, original_collate = pm.write_jsonl, pm.collate_pairs
+    original_log, original_collate = pm.log_metrics, pm.collate_pairs
 
-    def write_jsonl(path, record):
+    def log_metrics(partial, tracker, step, record):
         if "train/loss" in record:
             sync()
             stamps.append(time.perf_counter())
-        original_write(path, record)
+        original_log(partial, tracker, step, record)
 
     def collate_pairs(examples, pad_token_id):
         batch = original_collate(examples, pad_token_id)
@@ -49,10 +49,10 @@ def run_ours(args, model_dir, run_dir):
     argv = ["--objective", "reward", "--model_name_or_path", model_dir, "--train_data", TOY / "preference_train.jsonl", "--eval_data", "",
             "--output_dir", run_dir, "--epochs", 1000, "--max_steps", args.warmup + args.steps,
             "--per_device_train_batch_size", args.batch_size, "--gradient_accumulation_steps", 1, "--max_length", args.max_length,
-            "--lr", args.lr, "--weight_decay", 0.0, "--adam_betas", 0.9, 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine",
-            "--lr_warmup_ratio", 0.03, "--regularization", REGULARIZATION, "--no-gradient_checkpointing", "--logging_steps", 1,
-            "--bf16" if args.bf16 else "--no-bf16"]
-    with patched(pm, write_jsonl=write_jsonl, collate_pairs=collate_pairs):
+            "--lr", args.lr, "--weight_decay", 0.0, "--adam_beta1", 0.9, "--adam_beta2", 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine",
+            "--lr_warmup_ratio", 0.03, "--regularization", REGULARIZATION, "--no_gradient_checkpointing", "--logging_steps", 1,
+            "--bf16" if args.bf16 else "--no_bf16"]
+    with patched(pm, log_metrics=log_metrics, collate_pairs=collate_pairs):
         result = run_main(pm, argv)
     del result
     shutil.rmtree(run_dir, ignore_errors=True)

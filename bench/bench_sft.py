@@ -33,13 +33,13 @@ import sft
 
 def run_ours(args, model_dir, run_dir):
     stamps, batches = [], []  # wall-clock time at the end of each step; (non-pad, padded) tokens of each batch
-    original_write, original_collate = sft.write_jsonl, sft.collate
+    original_log, original_collate = sft.log_metrics, sft.collate
 
-    def write_jsonl(path, record):
+    def log_metrics(partial, tracker, step, record):
         if "train/loss" in record:  # written once per optimiser step, after the step's .item() calls
             sync()
             stamps.append(time.perf_counter())
-        original_write(path, record)
+        original_log(partial, tracker, step, record)
 
     def collate(examples, pad_token_id):
         batch = original_collate(examples, pad_token_id)
@@ -49,9 +49,9 @@ def run_ours(args, model_dir, run_dir):
     argv = ["--model_name_or_path", model_dir, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--output_dir", run_dir,
             "--epochs", 1000, "--max_steps", args.warmup + args.steps, "--per_device_train_batch_size", args.batch_size,
             "--gradient_accumulation_steps", 1, "--max_length", args.max_length, "--lr", args.lr, "--weight_decay", 0.0,
-            "--adam_betas", 0.9, 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine", "--lr_warmup_ratio", 0.03,
-            "--no-gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no-bf16"]
-    with patched(sft, write_jsonl=write_jsonl, collate=collate):
+            "--adam_beta1", 0.9, "--adam_beta2", 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine", "--lr_warmup_ratio", 0.03,
+            "--no_gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no_bf16"]
+    with patched(sft, log_metrics=log_metrics, collate=collate):
         model = run_main(sft, argv)
     n_params = count_parameters(model)
     del model
