@@ -39,7 +39,7 @@ Run (toy world, one process):
         --policy sft=runs/toy/sft --policy ppo_lag=runs/toy/ppo_lag --max_length 128 --max_new_tokens 48 \
         --output_dir runs/toy/eval
 Run (paper scale, 8 GPUs: each rank answers every 8th prompt, rank 0 gathers and writes):
-    torchrun --standalone --nproc_per_node=8 evaluate.py --policy alpaca=output/sft beaver=output/ppo_lag \
+    torchrun --standalone --nproc_per_node=8 evaluate.py --fsdp --policy alpaca=output/sft beaver=output/ppo_lag \
         --reward_model output/reward --cost_model output/cost --preference_data PKU-Alignment/PKU-SafeRLHF \
         --output_dir output/eval
 """
@@ -56,12 +56,14 @@ import shutil
 import sys
 import time
 from collections import namedtuple
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
                           HfArgumentParser, set_seed)
@@ -93,6 +95,7 @@ class Args:
     elo_rounds: int = field(default=100, metadata={"help": "Elo is averaged over this many seeded shuffles of the match order (0: one pass in a fixed order)"})
     seed: int = field(default=42, metadata={"help": "random seed (rank r samples with seed + r; the Elo shuffles use seed)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 models and autocast, used only where the device supports it (CUDA with bf16)"})
+    fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard each model over the ranks (gathered once per phase of answering or scoring)"})
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
 
@@ -191,7 +194,8 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}  # top_k 0: the full policy
     config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                               bos_token_id=tokenizer.bos_token_id, suppress_tokens=[pad], use_cache=True, **sampling)
-    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config)  # (B, P+T)
+    # synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered beforehand)
+    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False)  # (B, P+T)
     answers = sequences[:, prompt_length:]  # (B, T)
     is_eos = answers == eos
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -345,11 +349,15 @@ def main():
         if not prompt_rows:
             raise InputError(f"{args.prompt_data}: no prompt left to answer ({skipped_long} not shorter than --max_length {args.max_length})")
         split_by_kind = all(isinstance(row.get("harmful"), bool) for row in prompt_rows)  # report harmful/benign apart
+        if args.fsdp and len(prompt_rows) < args.world_size:  # under FSDP every rank must take part in every model's first forward
+            raise InputError(f"{args.prompt_data}: {len(prompt_rows)} prompts, fewer than the {args.world_size} ranks; run with fewer processes or without --fsdp")
     pairs = {}
     if args.preference_data:
         preference_rows = load_rows(args.preference_data, args.preference_split)
         for objective in score_tokenizers:  # a pair whose two answers are the same text has no preference to get right
             pairs[objective] = [p for p in preference_pairs(preference_rows, args.preference_data, objective) if p.preferred.strip() != p.rejected.strip()]
+            if args.fsdp and len(pairs[objective]) < args.world_size:
+                raise InputError(f"{args.preference_data}: {len(pairs[objective])} usable pairs, fewer than the {args.world_size} ranks; run without --fsdp")
     if rank == 0:
         print(f"evaluate: {len(policies)} policies x {len(prompt_rows)} prompts ({skipped_long} skipped: too long), "
               + ", ".join(f"{len(p)} {objective} pairs" for objective, p in pairs.items())
@@ -362,20 +370,21 @@ def main():
     progress = tqdm(total=len(policies) * len(batches), desc="answers", disable=rank != 0)
     for name, path in policies.items():
         tokenizer = policy_tokenizers[name]
-        model = load_pretrained(AutoModelForCausalLM, path, dtype=model_dtype).to(device).eval()
+        model = wrap_model(load_pretrained(AutoModelForCausalLM, path, dtype=model_dtype).eval(), device, args.fsdp, use_bf16, trained=False)
         set_seed(args.seed + rank)  # each policy's samples are reproducible, whatever ran before it
-        for start in batches:
-            rows = local_rows[start : start + args.per_device_batch_size]
-            prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=row["prompt"]))["input_ids"] for row in rows]
-            max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompt_ids)))  # P + T <= max_length
-            sequences, attention_mask, prompt_length = generate_answers(model, tokenizer, prompt_ids, max_new_tokens, args.temperature, args.top_p, args.greedy)  # (B, P+T)
-            for i, row in enumerate(rows):
-                answer_ids = sequences[i, prompt_length:][attention_mask[i, prompt_length:].bool()].tolist()  # the answer, up to its EOS
-                if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:
-                    answer_ids = answer_ids[:-1]
-                record = {"policy": name, "prompt": row["prompt"]} | ({"harmful_prompt": row["harmful"]} if split_by_kind else {})
-                local_records[name].append(record | {"answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), "length": len(answer_ids)})
-            progress.update(1)
+        with gathered(model):
+            for start in batches:  # under FSDP the policy's weights are gathered at the first batch's first forward, once
+                rows = local_rows[start : start + args.per_device_batch_size]
+                prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=row["prompt"]))["input_ids"] for row in rows]
+                max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompt_ids)))  # P + T <= max_length
+                sequences, attention_mask, prompt_length = generate_answers(model, tokenizer, prompt_ids, max_new_tokens, args.temperature, args.top_p, args.greedy)  # (B, P+T)
+                for i, row in enumerate(rows):
+                    answer_ids = sequences[i, prompt_length:][attention_mask[i, prompt_length:].bool()].tolist()  # the answer, up to its EOS
+                    if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:
+                        answer_ids = answer_ids[:-1]
+                    record = {"policy": name, "prompt": row["prompt"]} | ({"harmful_prompt": row["harmful"]} if split_by_kind else {})
+                    local_records[name].append(record | {"answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), "length": len(answer_ids)})
+                progress.update(1)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -384,16 +393,17 @@ def main():
     # ---- 2. scores: R and C score this rank's answers and its shard of the preference pairs ----
     local_pair_scores = {}
     for objective, tokenizer in score_tokenizers.items():
-        model = load_pretrained(AutoModelForSequenceClassification, score_paths[objective], dtype=model_dtype).to(device).eval()
+        model = wrap_model(load_pretrained(AutoModelForSequenceClassification, score_paths[objective], dtype=model_dtype).eval(), device, args.fsdp, use_bf16, trained=False)
         model.config.pad_token_id = tokenizer.pad_token_id
-        score = lambda prompts, answers: score_texts(model, tokenizer, prompts, answers, args.max_length, args.per_device_batch_size, autocast)
-        for records in local_records.values():
-            for record, value in zip(records, score([r["prompt"] for r in records], [r["answer"] for r in records])):
-                record[objective] = value
-        if objective in pairs:
-            shard = pairs[objective][rank :: args.world_size]
-            values = score([p.prompt for p in shard] * 2, [p.preferred for p in shard] + [p.rejected for p in shard])  # preferred answers, then rejected
-            local_pair_scores[objective] = list(zip(values[: len(shard)], values[len(shard) :]))  # (preferred, rejected) per pair
+        with gathered(model):
+            score = lambda prompts, answers: score_texts(model, tokenizer, prompts, answers, args.max_length, args.per_device_batch_size, autocast)
+            for records in local_records.values():
+                for record, value in zip(records, score([r["prompt"] for r in records], [r["answer"] for r in records])):
+                    record[objective] = value
+            if objective in pairs:
+                shard = pairs[objective][rank :: args.world_size]
+                values = score([p.prompt for p in shard] * 2, [p.preferred for p in shard] + [p.rejected for p in shard])  # preferred answers, then rejected
+                local_pair_scores[objective] = list(zip(values[: len(shard)], values[len(shard) :]))  # (preferred, rejected) per pair
         del model
 
     # ---- 3. gather on rank 0, in the original order ----
@@ -717,6 +727,47 @@ def finish_output_dir(partial, output_dir):
     partial.rename(output_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+
+def wrap_model(model, device, fsdp, bf16, trained=True):
+    """How a model is spread over the ranks. With --fsdp, FSDP2 full sharding: each decoder layer (the blocks Hugging
+    Face lists in `_no_split_modules`) is one unit, gathered just before its forward and freed after it, and the root
+    holds the rest (embeddings, final norm, head); on CUDA the units compute in bf16 from fp32 master weights and reduce
+    gradients in fp32. The root must be the module whose forward is called (our Critic, not the score model inside it).
+    Without --fsdp: DDP around a trained model (it broadcasts rank 0's weights and all-reduces gradients); frozen models,
+    and everything in a world of one, stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+        for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
+            fully_shard(layer, mp_policy=policy)
+        # a trained root stays gathered after its forward (the backward needs it next); a frozen one has no backward
+        return fully_shard(model, mp_policy=policy, reshard_after_forward=True if not trained else None)
+    model = model.to(device)
+    if not trained or dist.get_world_size() == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextmanager
+def gathered(model):
+    """Under FSDP2, a phase of no-grad forwards (generation with the KV cache, scoring) with the parameters gathered once
+    at its first forward, instead of once per forward, i.e. per generated token; freed when the phase ends, before the
+    update needs the memory. Also what lets each rank stop generating at its own answers' end (no collective per token)."""
+    if not hasattr(model, "set_reshard_after_forward"):  # not an FSDP2 module: nothing to gather
+        yield
+        return
+    model.set_reshard_after_forward(False)  # recurses into the layers
+    try:
+        yield
+    finally:
+        # back to freeing each unit after its forward (for a trained root too: it then gathers again for the backward,
+        # one all-gather of the embeddings and head per step, instead of holding them through the update)
+        model.set_reshard_after_forward(True)
+        for unit in [module for module in model.modules() if hasattr(module, "set_reshard_after_forward")]:
+            unit.reshard()
 
 
 if __name__ == "__main__":

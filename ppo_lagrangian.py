@@ -28,23 +28,21 @@ as its default (0.01 for ppo_lag; 0.02 for the baselines, as in the reference's 
     ppo             reward only: no cost stream and no cost critic (the cost model still scores answers, for the log)
     reward_shaping  end reward R - λ0·C with λ0 = --lambda_init fixed, one critic
 
-`--max_steps N` runs exactly N rollouts, cycling over the (de-duplicated) prompts for as many passes as that takes;
-without it the run makes --epochs passes. The rollout and the scores run in eval mode (no dropout, KV cache); the
-update runs the actor and the critics in training mode (dropout, gradient checkpointing).
+`--max_steps N` runs exactly N rollouts, cycling over the de-duplicated prompts. Rollout and scoring run in eval mode
+(no dropout, KV cache), the update in training mode (dropout, gradient checkpointing). With --ptx_data the actor
+takes one optimiser step on the summed PPO and PTX gradients, as the reference does.
 
 Deliberate differences from the reference code: answers are sampled from the full policy (top_k disabled; the
-reference inherits Hugging Face's default top_k=50), so the rollout is on-policy for PPO at temperature 1 and
-top_p 1; the reward and cost models must share the actor's tokenizer (they are trained from the same SFT model,
-so nothing is re-tokenised); with --ptx_data the actor takes one optimiser step on the summed gradients of the PPO
-and PTX losses, as the reference does; plain PyTorch DDP instead of DeepSpeed (so at 7B the six models need large
-GPUs or smaller models: see README).
+reference inherits Hugging Face's default top_k=50), so the rollout is on-policy at temperature 1 and top_p 1; the
+reward and cost models must share the actor's tokenizer (trained from the same SFT model: nothing is re-tokenised);
+plain PyTorch DDP, or FSDP2 with --fsdp, instead of DeepSpeed (at 7B: --fsdp, see README "Running at paper scale").
 
 Run (toy world, one process):
     python ppo_lagrangian.py --actor_model runs/toy/sft --reward_model runs/toy/reward --cost_model runs/toy/cost \
         --prompt_data data/toy/prompts.jsonl --output_dir runs/toy/ppo_lag --max_new_tokens 48 \
         --actor_lr 1e-4 --critic_lr 1e-4 --no_gradient_checkpointing
 Run (paper scale, 8 GPUs; the defaults are the reference's settings):
-    torchrun --standalone --nproc_per_node=8 ppo_lagrangian.py --actor_model output/sft \
+    torchrun --standalone --nproc_per_node=8 ppo_lagrangian.py --fsdp --actor_model output/sft \
         --reward_model output/reward --cost_model output/cost --ptx_data tatsu-lab/alpaca --output_dir output/ppo_lag
 """
 
@@ -58,7 +56,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -126,6 +124,7 @@ class Args:
     seed: int = field(default=42, metadata={"help": "random seed (rank r samples with seed + r)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (and bf16 frozen models), used only where the device supports it"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations of the trained models in the backward pass"})
+    fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard all six models (and the trained ones' gradients and optimiser states) over the ranks; see README, 'Running at paper scale'"})
     save_critics: bool = field(default=False, metadata={"help": "also save both critics (OUTPUT_DIR/reward_critic, OUTPUT_DIR/cost_critic)"})
     save_steps: int = field(default=0, metadata={"help": "also save a checkpoint every N rollouts (0: only at the end)"})
     logging_steps: int = field(default=1, metadata={"help": "log every N rollouts"})
@@ -226,7 +225,8 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}  # top_k 0: the full policy
     config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                               bos_token_id=tokenizer.bos_token_id, suppress_tokens=[pad], use_cache=True, **sampling)
-    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config)  # (B, P+T)
+    # synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered beforehand)
+    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False)  # (B, P+T)
     answers = sequences[:, prompt_length:]  # (B, T)
     is_eos = answers == eos
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -401,11 +401,10 @@ def main():
     if args.gradient_checkpointing:
         for model in trained_backbones:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for model in (reference, reward_model, cost_model):
-        model.to(device)
-    # the trained models are wrapped in DDP (which broadcasts rank 0's weights); the frozen ones are not
-    actor, reward_critic = wrap_ddp(actor.to(device), device), wrap_ddp(reward_critic.to(device), device)
-    cost_critic = wrap_ddp(cost_critic.to(device), device) if use_lagrangian else None
+    # the trained models under DDP (or sharded with --fsdp); the frozen ones bare (or sharded too with --fsdp)
+    actor, reward_critic = wrap_model(actor, device, args.fsdp, use_bf16), wrap_model(reward_critic, device, args.fsdp, use_bf16)
+    cost_critic = wrap_model(cost_critic, device, args.fsdp, use_bf16) if use_lagrangian else None
+    reference, reward_model, cost_model = (wrap_model(m, device, args.fsdp, use_bf16, trained=False) for m in (reference, reward_model, cost_model))
     trained = [actor, reward_critic] + ([cost_critic] if use_lagrangian else [])
 
     # ---- optimisers: AdamW for the actor and the critics, SGD on log λ ----
@@ -440,26 +439,28 @@ def main():
         print(f"{args.algorithm}: {len(prompt_ids)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids)} dropped: "
               f"not shorter than max_length), world size {args.world_size}, {args.rollout_batch_size} answers per rollout, "
               f"{total_rollouts} rollouts = {total_rollouts / len(loader):.2f} passes over the prompts, {total_updates} update steps, "
-              f"kl_coeff {args.kl_coeff}, PTX {'on' if ptx_examples else 'off'}, bf16 {use_bf16}")
+              f"kl_coeff {args.kl_coeff}, PTX {'on' if ptx_examples else 'off'}, bf16 {use_bf16}, {'FSDP' if args.fsdp else 'DDP'}: "
+              f"{trained_state_bytes(trained) / 2**30:.2f} GiB of weights, gradients and AdamW states of the trained models per rank")
 
     def save(final, rollout):
-        """The actor (and the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR in one rename."""
+        """The actor (and the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR in one rename. Every rank
+        calls it (under FSDP the weights are gathered from the shards); rank 0 writes."""
         target = partial if final else Path(f"{args.output_dir}.saving")
-        if not final:
+        if rank == 0 and not final:
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
             if (partial / "metrics.jsonl").exists():
                 shutil.copy(partial / "metrics.jsonl", target / "metrics.jsonl")
-        unwrap(actor).save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        (target / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        (target / "training_state.json").write_text(json.dumps({"rollouts": rollout, "lambda": log_lambda.exp().item()}, indent=2))
-        if args.save_critics:
-            for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
-                if critic is not None:
-                    unwrap(critic).score_model.save_pretrained(target / name)
-                    tokenizer.save_pretrained(target / name)
-        finish_output_dir(target, args.output_dir)
+        critics = [(name, critic) for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)) if critic is not None and args.save_critics]
+        save_model(unwrap(actor), target, rank)
+        for name, critic in critics:  # (target is None on ranks > 0: they only send their shards)
+            save_model(unwrap(critic).score_model, target and target / name, rank)
+        if rank == 0:
+            for directory in [target] + [target / name for name, _ in critics]:
+                tokenizer.save_pretrained(directory)
+            (target / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            (target / "training_state.json").write_text(json.dumps({"rollouts": rollout, "lambda": log_lambda.exp().item()}, indent=2))
+            finish_output_dir(target, args.output_dir)
 
     # ---- training loop: one iteration per rollout batch ----
     progress = tqdm(total=total_rollouts, desc=args.algorithm, disable=rank != 0)
@@ -469,26 +470,25 @@ def main():
         for model in trained:
             model.eval()  # steps 1-2 in eval mode, as the reference: no dropout, and the KV cache is allowed
 
-        # 1. rollout: sample y ~ π_θ(·|x) for each prompt x of this rank's batch
+        # 1. rollout: sample y ~ π_θ(·|x) for each prompt x of this rank's batch, and the log-probs of π_old. Under FSDP
+        #    the actor's weights are gathered once for both, not once per generated token (see gathered()).
         max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompt_batch)))
-        sequences, attention_mask, prompt_length = generate_answers(unwrap(actor), tokenizer, prompt_batch, max_new_tokens, args.temperature, args.top_p)  # (B, P+T)
+        with gathered(actor), torch.no_grad(), autocast:
+            sequences, attention_mask, prompt_length = generate_answers(unwrap(actor), tokenizer, prompt_batch, max_new_tokens, args.temperature, args.top_p)  # (B, P+T)
+            old_log_probs = answer_log_probs(unwrap(actor), sequences, attention_mask, prompt_length)  # (B, T)
         answer_mask = attention_mask[:, prompt_length:].float()  # (B, T) 1 on answer tokens up to and including EOS
 
-        # 2. scores: R(x, y) and C(x, y) at the EOS; log-probs of π_old and π_ref; values of both critics
+        # 2. scores: R(x, y) and C(x, y) at the EOS; log-probs of π_ref; values of both critics
         with torch.no_grad(), autocast:
             end_rewards = end_scores(reward_model, sequences, attention_mask)  # (B,)
             end_costs = end_scores(cost_model, sequences, attention_mask)  # (B,)
-            old_log_probs = answer_log_probs(unwrap(actor), sequences, attention_mask, prompt_length)  # (B, T)
             ref_log_probs = answer_log_probs(reference, sequences, attention_mask, prompt_length)  # (B, T)
             old_reward_values = unwrap(reward_critic)(sequences, attention_mask, prompt_length)  # (B, T)
             old_cost_values = unwrap(cost_critic)(sequences, attention_mask, prompt_length) if use_lagrangian else None  # (B, T)
         episode_costs.extend(end_costs.tolist())  # the raw C(x, y): J_C is the expected cost, without KL or clipping
 
         # 3. per-token rewards and costs with the split KL penalty
-        if args.algorithm == "reward_shaping":
-            end_rewards_to_learn = shaped_end_rewards(end_rewards, end_costs, args.lambda_init)
-        else:
-            end_rewards_to_learn = end_rewards
+        end_rewards_to_learn = shaped_end_rewards(end_rewards, end_costs, args.lambda_init) if args.algorithm == "reward_shaping" else end_rewards
         rewards = kl_penalized_rewards(end_rewards_to_learn, old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)  # (B, T)
         # 4. GAE, separately for rewards and costs
         reward_advantages, reward_returns = gae(rewards, old_reward_values, answer_mask, args.gamma, args.gae_lambda)  # (B, T) each
@@ -586,16 +586,16 @@ def main():
         if rank == 0 and (rollout % args.logging_steps == 0 or rollout == total_rollouts):
             log_metrics(partial, tracker, rollout, metrics)
         if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
-            if rank == 0:
-                save(final=False, rollout=rollout)
+            save(final=False, rollout=rollout)
             saved_rollout = rollout
     progress.close()
 
     # ---- save ----
     if rank == 0:
         stop_tracker(tracker)
-        save(final=True, rollout=total_rollouts)
-        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s)")
+    save(final=True, rollout=total_rollouts)
+    if rank == 0:
+        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if device.type == "cuda" else ")"))
     dist.barrier()
     dist.destroy_process_group()
     return {"actor": unwrap(actor), "reward_critic": unwrap(reward_critic), "cost_critic": unwrap(cost_critic) if use_lagrangian else None,
@@ -714,22 +714,81 @@ def finish_output_dir(partial, output_dir):
         shutil.rmtree(old)
 
 
-def wrap_ddp(model, device):
-    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
-    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
-    if dist.get_world_size() == 1:
+def wrap_model(model, device, fsdp, bf16, trained=True):
+    """How a model is spread over the ranks. With --fsdp, FSDP2 full sharding: each decoder layer (the blocks Hugging
+    Face lists in `_no_split_modules`) is one unit, gathered just before its forward and freed after it, and the root
+    holds the rest (embeddings, final norm, head); on CUDA the units compute in bf16 from fp32 master weights and reduce
+    gradients in fp32. The root must be the module whose forward is called (our Critic, not the score model inside it).
+    Without --fsdp: DDP around a trained model (it broadcasts rank 0's weights and all-reduces gradients); frozen models,
+    and everything in a world of one, stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+        for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
+            fully_shard(layer, mp_policy=policy)
+        # a trained root stays gathered after its forward (the backward needs it next); a frozen one has no backward
+        return fully_shard(model, mp_policy=policy, reshard_after_forward=True if not trained else None)
+    model = model.to(device)
+    if not trained or dist.get_world_size() == 1:
         return model
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model):
-    """The model inside DDP, or the model itself in a world of one."""
+    """The model inside DDP, or the model itself (bare, or FSDP2, which shards it in place)."""
     return model.module if isinstance(model, DDP) else model
 
 
+@contextmanager
 def no_sync(model):
-    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
-    return model.no_sync() if isinstance(model, DDP) else nullcontext()
+    """Keep this backward's gradients local, to be reduced with the next one's: DDP's no_sync(), FSDP2's
+    set_requires_gradient_sync(False); nothing in a world of one."""
+    if isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@contextmanager
+def gathered(model):
+    """Under FSDP2, a phase of no-grad forwards (generation with the KV cache, scoring) with the parameters gathered once
+    at its first forward, instead of once per forward, i.e. per generated token; freed when the phase ends, before the
+    update needs the memory. Also what lets each rank stop generating at its own answers' end (no collective per token)."""
+    if not hasattr(model, "set_reshard_after_forward"):  # not an FSDP2 module: nothing to gather
+        yield
+        return
+    model.set_reshard_after_forward(False)  # recurses into the layers
+    try:
+        yield
+    finally:
+        # back to freeing each unit after its forward (for a trained root too: it then gathers again for the backward,
+        # one all-gather of the embeddings and head per step, instead of holding them through the update)
+        model.set_reshard_after_forward(True)
+        for unit in [module for module in model.modules() if hasattr(module, "set_reshard_after_forward")]:
+            unit.reshard()
+
+
+def save_model(model, path, rank):
+    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict is
+    gathered from the shards, to the CPU), rank 0 writes it with save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state_dict)
+
+
+def trained_state_bytes(models):
+    """Bytes of the trained state this rank holds: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes a
+    parameter (under FSDP only this rank's shard)."""
+    return 16 * sum((p.to_local() if hasattr(p, "to_local") else p).numel() for model in models for p in model.parameters())
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ steps), so the update does not depend on how a batch is split across GPUs.
 As in the reference code, the prompt and the answer are tokenised as one text (`template + " " + answer`) and the
 prompt's tokens are masked by the prompt's own token count, so the answer gets exactly the tokens a model
 generates after `ASSISTANT:`. Alpaca rows become `instruction + " " + input`, as in the reference.
-Deliberate difference from the reference code: plain PyTorch DDP instead of DeepSpeed.
+Deliberate difference from the reference code: plain PyTorch DDP, or FSDP2 with --fsdp, instead of DeepSpeed.
 
 Run (toy world, one process, from scratch):
     python sft.py --model_name_or_path data/tiny-llama --from_scratch --train_data data/toy/sft.jsonl \
         --output_dir runs/toy/sft --epochs 4 --lr 1e-3 --per_device_train_batch_size 32 \
         --gradient_accumulation_steps 1 --max_length 128 --no_gradient_checkpointing
 Run (paper scale, 8 GPUs; the defaults are the reference's 7B settings):
-    torchrun --standalone --nproc_per_node=8 sft.py --model_name_or_path huggyllama/llama-7b \
+    torchrun --standalone --nproc_per_node=8 sft.py --fsdp --model_name_or_path huggyllama/llama-7b \
         --train_data tatsu-lab/alpaca --output_dir output/sft
 """
 
@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,7 @@ class Args:
     seed: int = field(default=42, metadata={"help": "random seed"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast, used only where the device supports it (CUDA with bf16)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass to save memory"})
+    fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard the weights, gradients and optimiser states over the ranks (for models too large for DDP; see README, 'Running at paper scale')"})
     logging_steps: int = field(default=1, metadata={"help": "log the training loss every N optimiser steps"})
     report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
     # derived at run time, right after parsing
@@ -155,7 +156,7 @@ def main():
     args = parse_args(Args)
     rank, args.world_size, device = setup_distributed()
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    set_seed(args.seed + rank)
+    set_seed(args.seed)  # the same on every rank: new weights (--from_scratch, a new score head) must agree, and FSDP does not broadcast them as DDP does
     use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -184,8 +185,7 @@ def main():
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    model = wrap_ddp(model, device)
+    model = wrap_model(model, device, args.fsdp, use_bf16)
 
     sampler = DistributedSampler(train_examples, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_examples, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True,
@@ -204,7 +204,8 @@ def main():
     if rank == 0:
         print(f"sft: {len(train_examples)} training rows ({dropped} dropped: truncated to no answer token), "
               f"{len(eval_examples)} eval rows, world size {args.world_size}, global batch {args.global_batch_size}, "
-              f"{total_steps} optimiser steps, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, bf16 {use_bf16}")
+              f"{total_steps} optimiser steps, {sum(p.numel() for p in unwrap(model).parameters()) / 1e6:.1f}M parameters, bf16 {use_bf16}, "
+              f"{'FSDP' if args.fsdp else 'DDP'}: {trained_state_bytes([model]) / 2**30:.2f} GiB of weights, gradients and AdamW states per rank")
 
     def evaluate():
         # token-weighted mean loss over the whole eval set: each rank takes every world_size-th row, no padding
@@ -271,14 +272,14 @@ def main():
     progress.close()
 
     # ---- save: a Hugging Face checkpoint, written to OUTPUT_DIR.partial and renamed when complete ----
+    unwrap(model).config.use_cache = True
+    save_model(unwrap(model), partial, rank)  # every rank takes part: under FSDP the weights are gathered from the shards
     if rank == 0:
         stop_tracker(tracker)
-        unwrap(model).config.use_cache = True
-        unwrap(model).save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
         finish_output_dir(partial, args.output_dir)
-        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s)")
+        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if device.type == "cuda" else ")"))
     dist.barrier()
     dist.destroy_process_group()
     return unwrap(model)  # for tests that compare ranks
@@ -396,22 +397,62 @@ def finish_output_dir(partial, output_dir):
         shutil.rmtree(old)
 
 
-def wrap_ddp(model, device):
-    """DDP around a trained model (broadcasts rank 0's weights, all-reduces gradients). In a world of one
-    process the model is left bare: DDP's gradient buckets would only cost time (~8% of a CPU step)."""
-    if dist.get_world_size() == 1:
+def wrap_model(model, device, fsdp, bf16, trained=True):
+    """How a model is spread over the ranks. With --fsdp, FSDP2 full sharding: each decoder layer (the blocks Hugging
+    Face lists in `_no_split_modules`) is one unit, gathered just before its forward and freed after it, and the root
+    holds the rest (embeddings, final norm, head); on CUDA the units compute in bf16 from fp32 master weights and reduce
+    gradients in fp32. The root must be the module whose forward is called (our Critic, not the score model inside it).
+    Without --fsdp: DDP around a trained model (it broadcasts rank 0's weights and all-reduces gradients); frozen models,
+    and everything in a world of one, stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+        for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
+            fully_shard(layer, mp_policy=policy)
+        # a trained root stays gathered after its forward (the backward needs it next); a frozen one has no backward
+        return fully_shard(model, mp_policy=policy, reshard_after_forward=True if not trained else None)
+    model = model.to(device)
+    if not trained or dist.get_world_size() == 1:
         return model
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model):
-    """The model inside DDP, or the model itself in a world of one."""
+    """The model inside DDP, or the model itself (bare, or FSDP2, which shards it in place)."""
     return model.module if isinstance(model, DDP) else model
 
 
+@contextmanager
 def no_sync(model):
-    """DDP's no_sync() (keep this backward's gradients local, no all-reduce), or nothing in a world of one."""
-    return model.no_sync() if isinstance(model, DDP) else nullcontext()
+    """Keep this backward's gradients local, to be reduced with the next one's: DDP's no_sync(), FSDP2's
+    set_requires_gradient_sync(False); nothing in a world of one."""
+    if isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def save_model(model, path, rank):
+    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict is
+    gathered from the shards, to the CPU), rank 0 writes it with save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state_dict)
+
+
+def trained_state_bytes(models):
+    """Bytes of the trained state this rank holds: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes a
+    parameter (under FSDP only this rank's shard)."""
+    return 16 * sum((p.to_local() if hasattr(p, "to_local") else p).numel() for model in models for p in model.parameters())
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
+    parser.add_argument("--fsdp", action="store_true", help="run ppo_lagrangian.py with --fsdp (FSDP2, here in a world of one)")
     args = parser.parse_args()
     actor_dir = sft_checkpoint(args.size, args.scratch)
     reward_dir, cost_dir = score_checkpoint(args.size, args.scratch, "reward"), score_checkpoint(args.size, args.scratch, "cost")
@@ -96,7 +97,7 @@ def main():
             "--prompt_data", TOY / "prompts.jsonl", "--output_dir", run_dir, "--epochs", 100, "--max_steps", args.warmup + args.iterations,
             "--per_device_prompt_batch_size", args.batch_size, "--per_device_train_batch_size", args.train_batch_size or args.batch_size,
             "--max_new_tokens", args.max_new_tokens, "--max_length", args.max_length, "--actor_lr", 1e-6, "--critic_lr", 1e-6,
-            "--no_gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no_bf16"]
+            "--no_gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no_bf16"] + (["--fsdp"] if args.fsdp else [])
     for name, value in (("generate_answers", generate_answers), ("end_scores", scoring(original["end_scores"])),
                         ("answer_log_probs", scoring(original["answer_log_probs"])), ("log_metrics", log_metrics),
                         ("load_pretrained", load_pretrained)):

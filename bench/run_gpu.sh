@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-/tmp/bench/out}
 SIZE=${SIZE:-0.5b}
-ONLY=${ONLY:-sft reward rollout ppo}
+ONLY=${ONLY:-sft reward rollout ppo ppo_fsdp}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 BENCH_SCRATCH=${BENCH_SCRATCH:-/tmp/bench} TOKENIZERS_PARALLELISM=false
 if ls bench/.wheels/*.whl >/dev/null 2>&1; then
@@ -34,3 +34,4 @@ run sft 260 python3 bench/bench_sft.py --size "$SIZE" --batch_size ${SFT_BATCH:-
 run reward 260 python3 bench/bench_reward.py --size "$SIZE" --batch_size ${RM_BATCH:-64} --warmup 5 --steps ${STEPS:-25} --repeats 3
 run rollout 120 python3 bench/bench_rollout.py --size "$SIZE" --batch_size 64 --max_new_tokens 64 --batches 5 --warmup 1 --autocast_bf16
 run ppo 240 python3 bench/bench_ppo.py --size "$SIZE" --batch_size 64 --max_new_tokens 64 --iterations 3 --warmup 1
+run ppo_fsdp 240 python3 bench/bench_ppo.py --size "$SIZE" --batch_size 64 --max_new_tokens 64 --iterations 3 --warmup 1 --fsdp

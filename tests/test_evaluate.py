@@ -152,12 +152,13 @@ def test_a_run_writes_every_output_and_results_agree_with_answers(greedy_run, pr
 
 def test_two_processes_give_the_same_greedy_results(greedy_run, sft_checkpoint, random_policy, preference_models, tmp_path):
     output_dir, _ = greedy_run
-    run_script("evaluate.py", *evaluate_args(sft_checkpoint, random_policy, preference_models, tmp_path / "two"), nproc=2)
-    one, two = (json.loads((d / "results.json").read_text()) for d in (output_dir, tmp_path / "two"))
-    assert (one.pop("world_size"), two.pop("world_size")) == (1, 2)
-    assert _approx_equal(one, two)
     answers = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("reward", "cost")} for line in (d / "answers.jsonl").read_text().splitlines()]
-    assert answers(tmp_path / "two") == answers(output_dir)  # the same answers, in the same order
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # plain ranks, and every model sharded over the two ranks
+        run_script("evaluate.py", *evaluate_args(sft_checkpoint, random_policy, preference_models, tmp_path / name), *extra, nproc=2)
+        one, two = (json.loads((d / "results.json").read_text()) for d in (output_dir, tmp_path / name))
+        assert (one.pop("world_size"), two.pop("world_size")) == (1, 2)
+        assert _approx_equal(one, two)
+        assert answers(tmp_path / name) == answers(output_dir), name  # the same answers, in the same order
 
 
 def _approx_equal(one, two, path="results"):
