@@ -50,6 +50,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -98,6 +99,13 @@ class Args:
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard each model over the ranks (gathered once per phase of answering or scoring)"})
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
+
+    def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
+        require(self, "max_new_tokens max_length per_device_batch_size", lambda v: v >= 1, "at least 1")
+        require(self, "max_prompts", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1")
+        require(self, "temperature elo_k", lambda v: v > 0, "positive")
+        require(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        require(self, "elo_rounds", lambda v: v >= 0, "at least 0")
 
 
 # ---- Safe RLHF, stage 4: the metrics (pure functions on lists of numbers) ----
@@ -265,8 +273,8 @@ def preference_pairs(rows, source, objective):
             if row.get(name) is None:
                 raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
                                  f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
-            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))):
-                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else kind.__name__}, got {row[name]!r}")
+            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))) or (kind is str and not row[name].strip()):
+                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
         responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
         preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
         rejected = 1 - preferred
@@ -292,9 +300,10 @@ def parse_policies(specs):
 
 def load_score_tokenizer(path, expected):
     """A score model's tokenizer, after checking that it is the kind of model we were told (config.objective)."""
-    objective = getattr(load_pretrained(AutoConfig, path), "objective", expected)  # written by preference_model.py
-    if objective != expected:  # a swapped pair would call harmful answers safe: the cost sign is easy to flip
-        raise InputError(f"{path}: this is a {objective} model, but it was given as the {expected} model")
+    objective = getattr(load_pretrained(AutoConfig, path), "objective", None)  # written by preference_model.py
+    if objective != expected:  # a swapped or foreign model would call harmful answers safe: the cost sign is easy to flip
+        raise InputError(f"{path}: " + (f"this is a {objective} model" if objective else "its config has no 'objective' (preference_model.py "
+                         f"writes it; for a model from elsewhere add \"objective\": \"{expected}\" to its config.json)") + f", but it was given as the {expected} model")
     tokenizer = load_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise InputError(f"{path}: the tokenizer's pad token must exist and differ from EOS, or the score would not be read at the EOS")
@@ -321,6 +330,8 @@ def main():
         raise InputError("--preference_data needs --reward_model and/or --cost_model to evaluate")
     if args.judge not in ("", "toy"):
         raise InputError(f"--judge must be 'toy' (the toy world's oracle) or '' (none), not '{args.judge}'")
+    check_output_dir(args.output_dir, {**{f"policy {name}": path for name, path in policies.items()}, "reward_model": args.reward_model,
+                                       "cost_model": args.cost_model, "prompt_data": args.prompt_data, "preference_data": args.preference_data})
     rank, args.world_size, device = setup_distributed()
     use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -332,6 +343,9 @@ def main():
     score_tokenizers = {objective: load_score_tokenizer(path, objective) for objective, path in score_paths.items()}
     policy_tokenizers = {name: load_pretrained(AutoTokenizer, path) for name, path in policies.items()}
     for name, tokenizer in policy_tokenizers.items():
+        objective = getattr(load_pretrained(AutoConfig, policies[name]), "objective", None)  # written by preference_model.py
+        if objective:
+            raise InputError(f"{policies[name]}: this is a {objective} model, not a policy")
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise InputError(f"{policies[name]}: the tokenizer's pad token must exist and differ from EOS; use an sft.py or ppo_lagrangian.py checkpoint")
     judge = load_toy_judge() if args.judge == "toy" else None
@@ -339,8 +353,10 @@ def main():
     if policies:
         unique = {}
         for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
-            if not isinstance(row.get("prompt"), str):
-                raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a string, got {type(row['prompt']).__name__}"))
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
+            if row.get("harmful") is not None and not isinstance(row["harmful"], bool):
+                raise InputError(f"{args.prompt_data}, row {row_number}, field 'harmful': expected true or false, got {row['harmful']!r}")
             unique.setdefault(row["prompt"], row)  # PKU-SafeRLHF repeats prompts across rows: answer each once
         fits = lambda prompt: all(len(t(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]) < args.max_length for t in policy_tokenizers.values())
         prompt_rows = [row for row in unique.values() if fits(row["prompt"])]
@@ -371,6 +387,8 @@ def main():
     for name, path in policies.items():
         tokenizer = policy_tokenizers[name]
         model = wrap_model(load_pretrained(AutoModelForCausalLM, path, dtype=model_dtype).eval(), device, args.fsdp, use_bf16, trained=False)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise InputError(f"{path}: its tokenizer has {len(tokenizer)} tokens, more than the model's {model.get_input_embeddings().num_embeddings} embeddings")
         set_seed(args.seed + rank)  # each policy's samples are reproducible, whatever ran before it
         with gathered(model):
             for start in batches:  # under FSDP the policy's weights are gathered at the first batch's first forward, once
@@ -405,6 +423,14 @@ def main():
                 values = score([p.prompt for p in shard] * 2, [p.preferred for p in shard] + [p.rejected for p in shard])  # preferred answers, then rejected
                 local_pair_scores[objective] = list(zip(values[: len(shard)], values[len(shard) :]))  # (preferred, rejected) per pair
         del model
+
+    # a broken score model (NaN or infinite weights) would make every rate meaningless: all ranks count, all stop alike
+    non_finite = torch.tensor(float(sum(not math.isfinite(r[o]) for rs in local_records.values() for r in rs for o in score_tokenizers)
+                                    + sum(not math.isfinite(v) for scores in local_pair_scores.values() for pair in scores for v in pair)), device=device)
+    dist.all_reduce(non_finite)
+    if non_finite.item():
+        raise InputError(f"{int(non_finite.item())} scores are not finite (NaN or infinite): --reward_model {args.reward_model} or --cost_model "
+                         f"{args.cost_model} is broken (a run that diverged?)")
 
     # ---- 3. gather on rank 0, in the original order ----
     records = {name: gather_shards(local, args.world_size) for name, local in local_records.items()}
@@ -672,6 +698,28 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def require(args, names, ok, allowed):
+    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag and its range."""
+    for name in names.split():
+        if not ok(getattr(args, name)):
+            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+
+
+def check_output_dir(output_dir, inputs):
+    """Before any work: refuse an output directory that is a file, lies in an unwritable place, or is, contains or lies
+    inside one of the local inputs (finishing the run would replace that input)."""
+    output = Path(output_dir).resolve()
+    if output.is_file():
+        raise InputError(f"--output_dir {output_dir}: an existing file; give a directory")
+    for name, value in inputs.items():
+        source = Path(value).resolve() if value else None
+        if source and source.exists() and (output == source or source in output.parents or output in source.parents):
+            raise InputError(f"--output_dir {output_dir}: is, contains or lies inside the input --{name} {value}; finishing would replace it")
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
 def load_rows(source, split):
     """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
     data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
@@ -691,25 +739,33 @@ def load_rows(source, split):
             dataset = datasets.load_dataset(builder, data_files=source, split="train")
         else:
             dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+        rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
     except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
-    if len(dataset) == 0:
+    if not rows:
         raise InputError(f"{source}: no rows")
-    return list(dataset)
+    return rows
 
 
 def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
+    if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
+        raise InputError(f"{name_or_path}: an empty directory, not a Hugging Face model")
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+    except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
+                         f"the hub): {' '.join(str(error).split())}") from None
 
 
 def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")  # Path() drops a trailing slash
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written. A swap that a kill
+    interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first, so that the previous output comes back."""
+    output_dir = Path(output_dir)  # Path() drops a trailing slash
+    partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
+    if old.exists() and not output_dir.exists():
+        old.rename(output_dir)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -773,5 +829,9 @@ def gathered(model):
 if __name__ == "__main__":
     try:
         main()
-    except InputError as error:
-        sys.exit(f"error: {error}")
+    except InputError as error:  # one line, printed once: under torchrun every rank meets the same error
+        for progress_bar in list(tqdm._instances):  # closed now: a bar closed later would print after the error line
+            progress_bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -134,6 +134,18 @@ class Args:
     rollout_batch_size: int = field(default=0, init=False)
     minibatches_per_rollout: int = field(default=0, init=False)
 
+    def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
+        require(self, "max_length max_new_tokens per_device_prompt_batch_size per_device_train_batch_size update_iters epochs "
+                      "episode_cost_window_size logging_steps", lambda v: v >= 1, "at least 1")
+        require(self, "max_steps", lambda v: v == -1 or v >= 1, "-1 (--epochs passes) or at least 1")
+        require(self, "actor_lr critic_lr lambda_init lambda_max temperature clip_range_ratio clip_range_score clip_range_value",
+                lambda v: v > 0, "positive")
+        require(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        require(self, "gamma gae_lambda actor_lr_warmup_ratio critic_lr_warmup_ratio adam_beta1 adam_beta2", lambda v: 0 <= v <= 1, "in [0, 1]")
+        require(self, "lambda_lr lambda_update_delay_steps ptx_coeff actor_weight_decay critic_weight_decay max_grad_norm save_steps",
+                lambda v: v >= 0, "at least 0")
+        require(self, "kl_coeff", lambda v: v is None or v >= 0, "at least 0")
+
 
 # ---- Safe RLHF, stage 3: the PPO-Lagrangian math (paper §3.3; reference note §3). Tensors (B, T) over answer tokens ----
 def masked_mean(x, mask):
@@ -285,17 +297,19 @@ def sft_rows(rows, source):
     pairs = []
     for row_number, row in enumerate(rows, start=1):
         if row.get("prompt") is not None and row.get("response") is not None:
-            prompt, response = row["prompt"], row["response"]
+            fields = {"prompt": row["prompt"], "response": row["response"]}
         elif row.get("instruction") is not None and row.get("output") is not None:
-            prompt = f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
-            response = row["output"]
+            fields = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
         else:
             raise InputError(f"{source}, row {row_number}: needs the fields 'prompt' and 'response' (or Alpaca's "
                              f"'instruction' and 'output'); it has {sorted(k for k, v in row.items() if v is not None)}")
-        for name, value in (("prompt", prompt), ("response", response)):
-            if not isinstance(value, str):
-                raise InputError(f"{source}, row {row_number}, field '{name}': expected a string, got {type(value).__name__}")
-        pairs.append((prompt, response))
+        for name, value in fields.items():
+            if not isinstance(value, str) or (not value.strip() and name != "input"):
+                raise InputError(f"{source}, row {row_number}, field '{name}': expected a non-empty string, got {value!r}")
+        if "prompt" in fields:
+            pairs.append((fields["prompt"], fields["response"]))
+        else:
+            pairs.append((f"{fields['instruction']} {fields['input']}" if fields["input"] else fields["instruction"], fields["output"]))
     return pairs
 
 
@@ -351,6 +365,8 @@ def main():
                          f"--per_device_prompt_batch_size ({args.per_device_prompt_batch_size})")
     if args.kl_coeff is None:
         args.kl_coeff = REFERENCE_KL_COEFF[args.algorithm]
+    check_output_dir(args.output_dir, {name: getattr(args, name) for name in ("actor_model", "reward_model", "cost_model", "reward_critic_model",
+                                                                               "cost_critic_model", "prompt_data", "ptx_data")})
     rank, args.world_size, device = setup_distributed()
     args.rollout_batch_size = args.per_device_prompt_batch_size * args.world_size
     args.minibatches_per_rollout = args.per_device_prompt_batch_size // args.per_device_train_batch_size
@@ -366,8 +382,8 @@ def main():
         raise InputError(f"{args.actor_model}: the tokenizer's pad token must exist and differ from EOS; start from an sft.py checkpoint")
     prompts = []
     for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
-        if not isinstance(row.get("prompt"), str):
-            raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a string, got {type(row['prompt']).__name__}"))
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
         prompts.append(row["prompt"])
     distinct_prompts = list(dict.fromkeys(prompts))  # PKU-SafeRLHF repeats prompts across rows: each is used once per pass
     all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct_prompts]
@@ -389,10 +405,15 @@ def main():
     reference = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=frozen_dtype).requires_grad_(False).eval()
     reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model, dtype=frozen_dtype).requires_grad_(False).eval()
     cost_model = load_pretrained(AutoModelForSequenceClassification, args.cost_model, dtype=frozen_dtype).requires_grad_(False).eval()
+    if len(tokenizer) > actor.get_input_embeddings().num_embeddings:
+        raise InputError(f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start from an sft.py checkpoint")
+    if getattr(actor.config, "objective", None):  # written by preference_model.py: a score model, not a policy
+        raise InputError(f"{args.actor_model}: this is a {actor.config.objective} model, not a policy; give the SFT model as --actor_model")
     for score_model, expected, path in ((reward_model, "reward", args.reward_model), (cost_model, "cost", args.cost_model)):
-        objective = getattr(score_model.config, "objective", expected)  # written by preference_model.py
-        if objective != expected:  # a swapped pair would train towards harm: the cost sign is easy to flip
-            raise InputError(f"{path}: this is a {objective} model, but it was given as the {expected} model")
+        objective = getattr(score_model.config, "objective", None)
+        if objective != expected:  # a swapped or foreign model would train towards harm: the cost sign is easy to flip
+            raise InputError(f"{path}: " + (f"this is a {objective} model" if objective else "its config has no 'objective' (preference_model.py "
+                             f"writes it; for a model from elsewhere add \"objective\": \"{expected}\" to its config.json)") + f", but it was given as the {expected} model")
     reward_critic = Critic(load_pretrained(AutoModelForSequenceClassification, args.reward_critic_model or args.reward_model, dtype=torch.float32))
     cost_critic = Critic(load_pretrained(AutoModelForSequenceClassification, args.cost_critic_model or args.cost_model, dtype=torch.float32)) if use_lagrangian else None
     trained_backbones = [actor, reward_critic.score_model] + ([cost_critic.score_model] if use_lagrangian else [])
@@ -443,14 +464,12 @@ def main():
               f"{trained_state_bytes(trained) / 2**30:.2f} GiB of weights, gradients and AdamW states of the trained models per rank")
 
     def save(final, rollout):
-        """The actor (and the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR in one rename. Every rank
-        calls it (under FSDP the weights are gathered from the shards); rank 0 writes."""
-        target = partial if final else Path(f"{args.output_dir}.saving")
-        if rank == 0 and not final:
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            if (partial / "metrics.jsonl").exists():
-                shutil.copy(partial / "metrics.jsonl", target / "metrics.jsonl")
+        """The actor (and with --save_critics the critics) as Hugging Face checkpoints; every rank calls it (under FSDP the
+        weights are gathered from the shards), rank 0 writes. The final save is swapped into OUTPUT_DIR; an intermediate
+        one (--save_steps) goes to OUTPUT_DIR.partial/checkpoint-N, renamed into place when complete, the newest two kept:
+        it never takes the place of a finished output. A model with a NaN or infinite weight is never saved."""
+        check_finite_weights(trained, device)
+        target = None if rank else partial if final else partial / f"checkpoint-{rollout}.tmp"
         critics = [(name, critic) for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)) if critic is not None and args.save_critics]
         save_model(unwrap(actor), target, rank)
         for name, critic in critics:  # (target is None on ranks > 0: they only send their shards)
@@ -460,11 +479,18 @@ def main():
                 tokenizer.save_pretrained(directory)
             (target / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
             (target / "training_state.json").write_text(json.dumps({"rollouts": rollout, "lambda": log_lambda.exp().item()}, indent=2))
-            finish_output_dir(target, args.output_dir)
+            if final:
+                for checkpoint in partial.glob("checkpoint-*"):  # intermediate states are not part of the finished output
+                    shutil.rmtree(checkpoint)
+                finish_output_dir(partial, args.output_dir)
+            else:
+                target.rename(partial / f"checkpoint-{rollout}")  # complete: a checkpoint-N that exists is whole
+                for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.split("-")[1]))[:-2]:
+                    shutil.rmtree(old)  # the newest two are kept
 
     # ---- training loop: one iteration per rollout batch ----
     progress = tqdm(total=total_rollouts, desc=args.algorithm, disable=rank != 0)
-    start_time, saved_rollout, update_step = time.time(), None, 0
+    start_time, update_step = time.time(), 0
     for rollout in range(1, total_rollouts + 1):
         prompt_batch = next(prompt_batches)  # this rank's prompts, token ids
         for model in trained:
@@ -543,20 +569,19 @@ def main():
                         losses["cost_critic"] = critic_loss(cost_values, old_cost_values[minibatch], cost_returns[minibatch], mb_answer_mask, args.clip_range_value)
                     losses["cost_critic"].backward()
 
-                # every rank checks the same all-reduced losses before any weight moves
+                # every rank checks the same all-reduced losses and gradient norms before any weight moves
                 checked = torch.stack(list(losses.values())).detach()
                 dist.all_reduce(checked)
-                if not torch.isfinite(checked).all():
-                    kept = f"{args.output_dir} holds the last good checkpoint (rollout {saved_rollout})" if saved_rollout else f"nothing was saved to {args.output_dir}"
-                    raise SystemExit(f"error: a loss became NaN or infinite at rollout {rollout} ({dict(zip(losses, checked.tolist()))}); "
-                                     f"stopping before the update; {kept}. Lower the learning rates, or check the reward and cost models.")
-                for model, optimizer, scheduler in ((actor, actor_optimizer, actor_scheduler), (reward_critic, reward_critic_optimizer, reward_critic_scheduler),
-                                                    (cost_critic, cost_critic_optimizer, cost_critic_scheduler)):
-                    if model is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                updates = [(name, model, optimizer, scheduler) for name, model, optimizer, scheduler in (
+                    ("actor", actor, actor_optimizer, actor_scheduler), ("reward_critic", reward_critic, reward_critic_optimizer, reward_critic_scheduler),
+                    ("cost_critic", cost_critic, cost_critic_optimizer, cost_critic_scheduler)) if model is not None]
+                grad_norms = {f"grad_norm/{name}": torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")).item()
+                              for name, model, _, _ in updates}
+                check_finite({**{f"loss/{k}": v / args.world_size for k, v in zip(losses, checked.tolist())}, **grad_norms}, f"at rollout {rollout}")
+                for _, _, optimizer, scheduler in updates:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 update_step += 1
                 with torch.no_grad():
                     ratio = torch.exp(log_probs.detach() - old_log_probs[minibatch])
@@ -587,7 +612,6 @@ def main():
             log_metrics(partial, tracker, rollout, metrics)
         if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
             save(final=False, rollout=rollout)
-            saved_rollout = rollout
     progress.close()
 
     # ---- save ----
@@ -629,6 +653,45 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def require(args, names, ok, allowed):
+    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag and its range."""
+    for name in names.split():
+        if not ok(getattr(args, name)):
+            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+
+
+def check_output_dir(output_dir, inputs):
+    """Before any work: refuse an output directory that is a file, lies in an unwritable place, or is, contains or lies
+    inside one of the local inputs (finishing the run would replace that input)."""
+    output = Path(output_dir).resolve()
+    if output.is_file():
+        raise InputError(f"--output_dir {output_dir}: an existing file; give a directory")
+    for name, value in inputs.items():
+        source = Path(value).resolve() if value else None
+        if source and source.exists() and (output == source or source in output.parents or output in source.parents):
+            raise InputError(f"--output_dir {output_dir}: is, contains or lies inside the input --{name} {value}; finishing would replace it")
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
+def check_finite(values, when):
+    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or infinite."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        raise InputError(f"{', '.join(bad)} became NaN or infinite {when} ({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); stopped before the update, and OUTPUT_DIR was "
+                         "left as it was. Lower the learning rate, or check the data and the models")
+
+
+def check_finite_weights(models, device):
+    """Every rank counts its (shards of) weights that hold a NaN or an infinity; a model is saved only if none does."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  an FSDP shard: this rank's part
+    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())), device=device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was left as it was")
+
+
 def load_rows(source, split):
     """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
     data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
@@ -648,20 +711,24 @@ def load_rows(source, split):
             dataset = datasets.load_dataset(builder, data_files=source, split="train")
         else:
             dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+        rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
     except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
-    if len(dataset) == 0:
+    if not rows:
         raise InputError(f"{source}: no rows")
-    return list(dataset)
+    return rows
 
 
 def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
+    if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
+        raise InputError(f"{name_or_path}: an empty directory, not a Hugging Face model")
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+    except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
+                         f"the hub): {' '.join(str(error).split())}") from None
 
 
 def start_tracker(report_to, partial, args):
@@ -693,8 +760,12 @@ def stop_tracker(tracker):
 
 
 def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")  # Path() drops a trailing slash
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written. A swap that a kill
+    interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first, so that the previous output comes back."""
+    output_dir = Path(output_dir)  # Path() drops a trailing slash
+    partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
+    if old.exists() and not output_dir.exists():
+        old.rename(output_dir)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -794,5 +865,9 @@ def trained_state_bytes(models):
 if __name__ == "__main__":
     try:
         main()
-    except InputError as error:
-        sys.exit(f"error: {error}")
+    except InputError as error:  # one line, printed once: under torchrun every rank meets the same error
+        for progress_bar in list(tqdm._instances):  # closed now: a bar closed later would print after the error line
+            progress_bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -89,6 +89,13 @@ class Args:
     world_size: int = field(default=1, init=False)
     global_batch_size: int = field(default=0, init=False)
 
+    def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
+        require(self, "max_length epochs per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps logging_steps", lambda v: v >= 1, "at least 1")
+        require(self, "max_steps", lambda v: v == -1 or v >= 1, "-1 (all epochs) or at least 1")
+        require(self, "lr", lambda v: v > 0, "positive")
+        require(self, "lr_warmup_ratio adam_beta1 adam_beta2", lambda v: 0 <= v <= 1, "in [0, 1]")
+        require(self, "weight_decay max_grad_norm regularization", lambda v: v >= 0, "at least 0")
+
 
 # ---- Safe RLHF, stage 2: the preference-model losses (paper §3.2). Scores are end scores, one per answer ----
 def reward_loss(better_scores, worse_scores, regularization=0.0):
@@ -138,8 +145,8 @@ def preference_pairs(rows, source, objective):
             if row.get(name) is None:
                 raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
                                  f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
-            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))):
-                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else kind.__name__}, got {row[name]!r}")
+            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))) or (kind is str and not row[name].strip()):
+                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
         responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
         preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
         rejected = 1 - preferred
@@ -198,6 +205,7 @@ def end_scores(score_model, input_ids, attention_mask):
 
 def main():
     args = parse_args(Args)
+    check_output_dir(args.output_dir, {"model_name_or_path": args.model_name_or_path, "train_data": args.train_data, "eval_data": args.eval_data})
     rank, args.world_size, device = setup_distributed()
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     set_seed(args.seed)  # the same on every rank: new weights (--from_scratch, a new score head) must agree, and FSDP does not broadcast them as DDP does
@@ -220,6 +228,8 @@ def main():
 
     # ---- model: the SFT backbone with a new scalar head ----
     model = load_pretrained(AutoModelForSequenceClassification, args.model_name_or_path, num_labels=1, dtype=torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the tokenizer's authors added (a pad token, say)
+        model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if args.gradient_checkpointing:
@@ -300,16 +310,14 @@ def main():
                 local_loss += loss.detach() / args.gradient_accumulation_steps
                 local_correct += correct_order(args.objective, preferred_scores, rejected_scores).float().mean().detach() / args.gradient_accumulation_steps
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+            train_stats = torch.stack([local_loss, local_correct])
+            dist.all_reduce(train_stats)
+            train_loss, train_accuracy = (train_stats / args.world_size).tolist()
+            check_finite({"the training loss": train_loss, "the gradient norm": grad_norm.item()}, f"at step {step + 1}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-
-            train_stats = torch.stack([local_loss, local_correct])
-            dist.all_reduce(train_stats)
-            train_loss, train_accuracy = (train_stats / args.world_size).tolist()
-            if not math.isfinite(train_loss):
-                raise RuntimeError(f"the training loss became {train_loss} at step {step}; lower --lr or check the data")
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}")
             if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
@@ -325,6 +333,7 @@ def main():
     progress.close()
 
     # ---- save: the checkpoint, with its objective in the config so that later stages can check it ----
+    check_finite_weights([model], device)
     unwrapped = unwrap(model)
     unwrapped.config.objective = args.objective
     unwrapped.config.use_cache = True
@@ -396,6 +405,45 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def require(args, names, ok, allowed):
+    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag and its range."""
+    for name in names.split():
+        if not ok(getattr(args, name)):
+            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+
+
+def check_output_dir(output_dir, inputs):
+    """Before any work: refuse an output directory that is a file, lies in an unwritable place, or is, contains or lies
+    inside one of the local inputs (finishing the run would replace that input)."""
+    output = Path(output_dir).resolve()
+    if output.is_file():
+        raise InputError(f"--output_dir {output_dir}: an existing file; give a directory")
+    for name, value in inputs.items():
+        source = Path(value).resolve() if value else None
+        if source and source.exists() and (output == source or source in output.parents or output in source.parents):
+            raise InputError(f"--output_dir {output_dir}: is, contains or lies inside the input --{name} {value}; finishing would replace it")
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
+def check_finite(values, when):
+    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or infinite."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        raise InputError(f"{', '.join(bad)} became NaN or infinite {when} ({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); stopped before the update, and OUTPUT_DIR was "
+                         "left as it was. Lower the learning rate, or check the data and the models")
+
+
+def check_finite_weights(models, device):
+    """Every rank counts its (shards of) weights that hold a NaN or an infinity; a model is saved only if none does."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  an FSDP shard: this rank's part
+    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())), device=device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was left as it was")
+
+
 def load_rows(source, split):
     """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
     data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
@@ -415,20 +463,24 @@ def load_rows(source, split):
             dataset = datasets.load_dataset(builder, data_files=source, split="train")
         else:
             dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+        rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
     except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
-    if len(dataset) == 0:
+    if not rows:
         raise InputError(f"{source}: no rows")
-    return list(dataset)
+    return rows
 
 
 def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with a clear error when the path is neither a local directory nor a reachable hub id."""
+    """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
+    if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
+        raise InputError(f"{name_or_path}: an empty directory, not a Hugging Face model")
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on the hub): {error}") from None
+    except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
+                         f"the hub): {' '.join(str(error).split())}") from None
 
 
 def start_tracker(report_to, partial, args):
@@ -460,8 +512,12 @@ def stop_tracker(tracker):
 
 
 def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written."""
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")  # Path() drops a trailing slash
+    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written. A swap that a kill
+    interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first, so that the previous output comes back."""
+    output_dir = Path(output_dir)  # Path() drops a trailing slash
+    partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
+    if old.exists() and not output_dir.exists():
+        old.rename(output_dir)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -542,5 +598,9 @@ def trained_state_bytes(models):
 if __name__ == "__main__":
     try:
         main()
-    except InputError as error:
-        sys.exit(f"error: {error}")
+    except InputError as error:  # one line, printed once: under torchrun every rank meets the same error
+        for progress_bar in list(tqdm._instances):  # closed now: a bar closed later would print after the error line
+            progress_bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -128,7 +128,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(sft_checkpoint, pr
                         "--max_steps", 2, "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size", 4,
                         check=False)
     assert result.returncode == 1
-    assert "NaN or infinite at rollout 1" in result.stderr and "stopping before the update" in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "NaN or infinite at rollout 1" in last_line and "stopped before the update" in last_line
     assert (output_dir / "model.safetensors").read_bytes() == before
 
 
