@@ -267,19 +267,19 @@ def preference_pairs(rows, source, objective):
     the safer one (safer_response_id) for the cost model; rejected = the other. Checks every field a row needs."""
     pairs = []
     for row_number, row in enumerate(rows, start=1):
-        where = f"{source}, row {row_number}"
+        row_name = where(source, row_number)
         for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
                            ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
             if row.get(name) is None:
-                raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
+                raise InputError(f"{row_name}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
                                  f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
             if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))) or (kind is str and not row[name].strip()):
-                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
+                raise InputError(f"{row_name}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
         responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
         preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
         rejected = 1 - preferred
         if objective == "cost" and not is_safe[preferred] and is_safe[rejected]:
-            raise InputError(f"{where}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
+            raise InputError(f"{row_name}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
                              f"while response_{rejected} is labelled safe")
         pairs.append(PreferencePair(row["prompt"], responses[preferred], responses[rejected], is_safe[preferred], is_safe[rejected]))
     return pairs
@@ -354,9 +354,9 @@ def main():
         unique = {}
         for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
             if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
+                raise InputError(f"{where(args.prompt_data, row_number)}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
             if row.get("harmful") is not None and not isinstance(row["harmful"], bool):
-                raise InputError(f"{args.prompt_data}, row {row_number}, field 'harmful': expected true or false, got {row['harmful']!r}")
+                raise InputError(f"{where(args.prompt_data, row_number)}, field 'harmful': expected true or false, got {row['harmful']!r}")
             unique.setdefault(row["prompt"], row)  # PKU-SafeRLHF repeats prompts across rows: answer each once
         fits = lambda prompt: all(len(t(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]) < args.max_length for t in policy_tokenizers.values())
         prompt_rows = [row for row in unique.values() if fits(row["prompt"])]
@@ -748,6 +748,14 @@ def load_rows(source, split):
     return rows
 
 
+def where(source, row_number):
+    """How an error names a row of a data file: by its line in a .jsonl file (reading skips blank lines), else its number."""
+    if Path(source).suffix == ".jsonl" and Path(source).is_file():
+        with open(source, encoding="utf-8", errors="replace") as file:
+            row_number = [number for number, line in enumerate(file, start=1) if line.strip()][row_number - 1]
+    return f"{source}, row {row_number}"
+
+
 def load_pretrained(model_class, name_or_path, **kwargs):
     """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
     if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
@@ -759,21 +767,24 @@ def load_pretrained(model_class, name_or_path, **kwargs):
                          f"the hub): {' '.join(str(error).split())}") from None
 
 
-def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written. A swap that a kill
-    interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first, so that the previous output comes back."""
+def start_output_dir(output_dir, resume=False):
+    """Work in OUTPUT_DIR.partial (kept with --resume), renamed into place by finish_output_dir. A final swap that a
+    kill interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first: the previous output comes back."""
     output_dir = Path(output_dir)  # Path() drops a trailing slash
     partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
     if old.exists() and not output_dir.exists():
         old.rename(output_dir)
-    if partial.exists():
+    if partial.exists() and not resume:
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.mkdir(parents=True, exist_ok=True)
     return partial
 
 
 def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written; the resumable states
+    (checkpoint-N) are not part of the finished output."""
+    for checkpoint in partial.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
     output_dir = Path(output_dir)
     old = output_dir.with_name(output_dir.name + ".old")
     if old.exists():
@@ -787,12 +798,10 @@ def finish_output_dir(partial, output_dir):
 
 
 def wrap_model(model, device, fsdp, bf16, trained=True):
-    """How a model is spread over the ranks. With --fsdp, FSDP2 full sharding: each decoder layer (the blocks Hugging
-    Face lists in `_no_split_modules`) is one unit, gathered just before its forward and freed after it, and the root
-    holds the rest (embeddings, final norm, head); on CUDA the units compute in bf16 from fp32 master weights and reduce
-    gradients in fp32. The root must be the module whose forward is called (our Critic, not the score model inside it).
-    Without --fsdp: DDP around a trained model (it broadcasts rank 0's weights and all-reduces gradients); frozen models,
-    and everything in a world of one, stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+    """--fsdp: FSDP2 units for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
+    then the root (the module whose forward is called: our Critic); bf16 compute, fp32 masters and reductions on CUDA.
+    Otherwise DDP around a trained model (it broadcasts rank 0's weights, all-reduces gradients); frozen models and a
+    world of one stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
@@ -819,8 +828,7 @@ def gathered(model):
     try:
         yield
     finally:
-        # back to freeing each unit after its forward (for a trained root too: it then gathers again for the backward,
-        # one all-gather of the embeddings and head per step, instead of holding them through the update)
+        # back to freeing every unit after its forward (a trained root too: one more all-gather per step, less memory)
         model.set_reshard_after_forward(True)
         for unit in [module for module in model.modules() if hasattr(module, "set_reshard_after_forward")]:
             unit.reshard()

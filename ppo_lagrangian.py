@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -61,12 +62,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
+
+from sft import collate, count_answer_tokens, sft_examples, sft_loss_sum, sft_rows  # the PTX loss: stage 1's loss on SFT data
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
                           HfArgumentParser, get_scheduler, set_seed)
 
@@ -126,7 +130,8 @@ class Args:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations of the trained models in the backward pass"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard all six models (and the trained ones' gradients and optimiser states) over the ranks; see README, 'Running at paper scale'"})
     save_critics: bool = field(default=False, metadata={"help": "also save both critics (OUTPUT_DIR/reward_critic, OUTPUT_DIR/cost_critic)"})
-    save_steps: int = field(default=0, metadata={"help": "also save a checkpoint every N rollouts (0: only at the end)"})
+    save_steps: int = field(default=0, metadata={"help": "save a resumable training state every N rollouts, to OUTPUT_DIR.partial/checkpoint-N (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest OUTPUT_DIR.partial/checkpoint-N of a run that was stopped"})
     logging_steps: int = field(default=1, metadata={"help": "log every N rollouts"})
     report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
     # derived at run time, right after parsing
@@ -278,77 +283,7 @@ class Critic(torch.nn.Module):
         return self.score_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()  # (B, T)
 
 
-# ---- data to tensors: prompts, and SFT rows for the PTX loss ----
-def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
-    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. As in the reference,
-    the answer is tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by
-    the prompt's own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone
-    gives other tokens than the ones a model generates after `ASSISTANT:`."""
-    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
-    prompt_ids = tokenizer(prompt_text)["input_ids"]
-    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :] + [tokenizer.eos_token_id]
-    prompt_ids = prompt_ids[:max_length]
-    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
-
-
-def sft_rows(rows, source):
-    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows; as in the
-    reference, an Alpaca prompt is `instruction + " " + input` (or the instruction alone when input is empty)."""
-    pairs = []
-    for row_number, row in enumerate(rows, start=1):
-        if row.get("prompt") is not None and row.get("response") is not None:
-            fields = {"prompt": row["prompt"], "response": row["response"]}
-        elif row.get("instruction") is not None and row.get("output") is not None:
-            fields = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
-        else:
-            raise InputError(f"{source}, row {row_number}: needs the fields 'prompt' and 'response' (or Alpaca's "
-                             f"'instruction' and 'output'); it has {sorted(k for k, v in row.items() if v is not None)}")
-        for name, value in fields.items():
-            if not isinstance(value, str) or (not value.strip() and name != "input"):
-                raise InputError(f"{source}, row {row_number}, field '{name}': expected a non-empty string, got {value!r}")
-        if "prompt" in fields:
-            pairs.append((fields["prompt"], fields["response"]))
-        else:
-            pairs.append((f"{fields['instruction']} {fields['input']}" if fields["input"] else fields["instruction"], fields["output"]))
-    return pairs
-
-
-def sft_examples(tokenizer, pairs, max_length):
-    """Token ids and labels (-100 on the prompt), dropping rows truncated to nothing of their answer."""
-    examples, dropped = [], 0
-    for prompt, response in pairs:
-        prompt_ids, answer_ids = tokenize_prompt_and_answer(tokenizer, prompt, response, max_length)
-        if not answer_ids:
-            dropped += 1
-            continue
-        examples.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
-    return examples, dropped
-
-
-def collate(examples, pad_token_id):
-    """Right-pad to the longest sequence of the micro-batch."""
-    length = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id)
-    labels = torch.full((len(examples), length), -100)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def sft_loss_sum(logits, labels):
-    # Σ_t -log π(y_t | x, y_<t) over answer tokens (labels != -100); logits at t predict the token at t+1
-    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].flatten()  # (B*(T-1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-
-
-def count_answer_tokens(labels):
-    # the number of terms in the sum above
-    return (labels[:, 1:] != -100).sum()
-
-
+# ---- data: the prompts, pass after pass ----
 def endless(loader, sampler):
     """The batches of a DataLoader, pass after pass, each pass shuffled anew (the sampler's epoch)."""
     epoch = 0
@@ -383,7 +318,7 @@ def main():
     prompts = []
     for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise InputError(f"{args.prompt_data}, row {row_number}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
+            raise InputError(f"{where(args.prompt_data, row_number)}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
         prompts.append(row["prompt"])
     distinct_prompts = list(dict.fromkeys(prompts))  # PKU-SafeRLHF repeats prompts across rows: each is used once per pass
     all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct_prompts]
@@ -430,7 +365,8 @@ def main():
 
     # ---- optimisers: AdamW for the actor and the critics, SGD on log λ ----
     sampler = DistributedSampler(prompt_ids, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(prompt_ids, batch_size=args.per_device_prompt_batch_size, sampler=sampler, drop_last=True, collate_fn=list)
+    loader = DataLoader(prompt_ids, batch_size=args.per_device_prompt_batch_size, sampler=sampler, drop_last=True, collate_fn=list,
+                        generator=torch.Generator().manual_seed(args.seed))  # its own generator: a resume's skipping leaves the global one alone
     total_rollouts = args.max_steps if args.max_steps > 0 else len(loader) * args.epochs
     total_updates = total_rollouts * args.update_iters * args.minibatches_per_rollout
 
@@ -452,9 +388,12 @@ def main():
     if ptx_examples:
         ptx_sampler = DistributedSampler(ptx_examples, shuffle=True, seed=args.seed, drop_last=True)
         ptx_batches = endless(DataLoader(ptx_examples, batch_size=args.per_device_train_batch_size, sampler=ptx_sampler, drop_last=True,
-                                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id)), ptx_sampler)
+                                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id), generator=torch.Generator().manual_seed(args.seed)), ptx_sampler)
 
-    partial = start_output_dir(args.output_dir) if rank == 0 else None
+    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise InputError(f"--resume: no saved state (checkpoint-N) in {args.output_dir}.partial to resume from")
+    partial = start_output_dir(args.output_dir, args.resume) if rank == 0 else None
     tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
     if rank == 0:
         print(f"{args.algorithm}: {len(prompt_ids)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids)} dropped: "
@@ -463,35 +402,46 @@ def main():
               f"kl_coeff {args.kl_coeff}, PTX {'on' if ptx_examples else 'off'}, bf16 {use_bf16}, {'FSDP' if args.fsdp else 'DDP'}: "
               f"{trained_state_bytes(trained) / 2**30:.2f} GiB of weights, gradients and AdamW states of the trained models per rank")
 
-    def save(final, rollout):
-        """The actor (and with --save_critics the critics) as Hugging Face checkpoints; every rank calls it (under FSDP the
-        weights are gathered from the shards), rank 0 writes. The final save is swapped into OUTPUT_DIR; an intermediate
-        one (--save_steps) goes to OUTPUT_DIR.partial/checkpoint-N, renamed into place when complete, the newest two kept:
-        it never takes the place of a finished output. A model with a NaN or infinite weight is never saved."""
+    def save():
+        """The actor (and with --save_critics the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR. Every rank
+        calls it (under FSDP the weights are gathered from the shards); rank 0 writes. No model with a NaN or infinite
+        weight is ever saved."""
         check_finite_weights(trained, device)
-        target = None if rank else partial if final else partial / f"checkpoint-{rollout}.tmp"
         critics = [(name, critic) for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)) if critic is not None and args.save_critics]
-        save_model(unwrap(actor), target, rank)
-        for name, critic in critics:  # (target is None on ranks > 0: they only send their shards)
-            save_model(unwrap(critic).score_model, target and target / name, rank)
+        save_model(unwrap(actor), partial, rank)
+        for name, critic in critics:  # (partial is None on ranks > 0: they only send their shards)
+            save_model(unwrap(critic).score_model, partial and partial / name, rank)
         if rank == 0:
-            for directory in [target] + [target / name for name, _ in critics]:
+            for directory in [partial] + [partial / name for name, _ in critics]:
                 tokenizer.save_pretrained(directory)
-            (target / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-            (target / "training_state.json").write_text(json.dumps({"rollouts": rollout, "lambda": log_lambda.exp().item()}, indent=2))
-            if final:
-                for checkpoint in partial.glob("checkpoint-*"):  # intermediate states are not part of the finished output
-                    shutil.rmtree(checkpoint)
-                finish_output_dir(partial, args.output_dir)
-            else:
-                target.rename(partial / f"checkpoint-{rollout}")  # complete: a checkpoint-N that exists is whole
-                for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.split("-")[1]))[:-2]:
-                    shutil.rmtree(old)  # the newest two are kept
+            (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            (partial / "training_state.json").write_text(json.dumps({"rollouts": total_rollouts, "lambda": log_lambda.exp().item()}, indent=2))
+            finish_output_dir(partial, args.output_dir)
+
+    # --resume: the models, their optimisers and schedules, λ, the episode-cost window, the data position and the generators
+    trained_states = {"actor": (actor, actor_optimizer), "reward_critic": (reward_critic, reward_critic_optimizer)} | (
+        {"cost_critic": (cost_critic, cost_critic_optimizer)} if use_lagrangian else {})
+    schedulers = [actor_scheduler, reward_critic_scheduler] + ([cost_critic_scheduler] if use_lagrangian else [])
+    start_rollout, update_step = 0, 0
+    if checkpoint:
+        saved = load_state(checkpoint, trained_states, rank)
+        start_rollout, update_step, lagrange_multiplier = saved["rollout"], saved["update_step"], saved["lagrange_multiplier"]
+        log_lambda.data.fill_(saved["log_lambda"])
+        episode_costs.extend(saved["episode_costs"])
+        for scheduler, state in zip(schedulers, saved["schedulers"]):
+            scheduler.load_state_dict(state)
+        for _ in range(start_rollout):  # the prompts already rolled out (the loaders draw from their own generators)
+            next(prompt_batches)
+        for _ in range(update_step if ptx_examples else 0):
+            next(ptx_batches)
+        if rank == 0:  # the metrics of the rollouts after the saved state are written again
+            lines = (partial / "metrics.jsonl").read_text().splitlines() if (partial / "metrics.jsonl").exists() else []
+            (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["rollout"] <= start_rollout))
 
     # ---- training loop: one iteration per rollout batch ----
-    progress = tqdm(total=total_rollouts, desc=args.algorithm, disable=rank != 0)
-    start_time, update_step = time.time(), 0
-    for rollout in range(1, total_rollouts + 1):
+    progress = tqdm(total=total_rollouts, initial=start_rollout, desc=args.algorithm, disable=rank != 0)
+    start_time = time.time()
+    for rollout in range(start_rollout + 1, total_rollouts + 1):
         prompt_batch = next(prompt_batches)  # this rank's prompts, token ids
         for model in trained:
             model.eval()  # steps 1-2 in eval mode, as the reference: no dropout, and the KV cache is allowed
@@ -611,13 +561,16 @@ def main():
         if rank == 0 and (rollout % args.logging_steps == 0 or rollout == total_rollouts):
             log_metrics(partial, tracker, rollout, metrics)
         if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
-            save(final=False, rollout=rollout)
+            check_finite_weights(trained, device)
+            save_state(args.output_dir, rollout, trained_states, {
+                "rollout": rollout, "update_step": update_step, "log_lambda": log_lambda.item(), "lagrange_multiplier": lagrange_multiplier,
+                "episode_costs": list(episode_costs), "schedulers": [scheduler.state_dict() for scheduler in schedulers]}, rank)
     progress.close()
 
     # ---- save ----
     if rank == 0:
         stop_tracker(tracker)
-    save(final=True, rollout=total_rollouts)
+    save()
     if rank == 0:
         print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if device.type == "cuda" else ")"))
     dist.barrier()
@@ -720,6 +673,14 @@ def load_rows(source, split):
     return rows
 
 
+def where(source, row_number):
+    """How an error names a row of a data file: by its line in a .jsonl file (reading skips blank lines), else its number."""
+    if Path(source).suffix == ".jsonl" and Path(source).is_file():
+        with open(source, encoding="utf-8", errors="replace") as file:
+            row_number = [number for number, line in enumerate(file, start=1) if line.strip()][row_number - 1]
+    return f"{source}, row {row_number}"
+
+
 def load_pretrained(model_class, name_or_path, **kwargs):
     """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
     if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
@@ -759,21 +720,72 @@ def stop_tracker(tracker):
         tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
 
 
-def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written. A swap that a kill
-    interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first, so that the previous output comes back."""
+def latest_checkpoint(output_dir):
+    """The newest resumable state, OUTPUT_DIR.partial/checkpoint-N (one that exists is complete), or None."""
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
+    checkpoints = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_state(output_dir, step, modules, rank_state, rank):
+    """OUTPUT_DIR.partial/checkpoint-N (N: optimiser steps, or rollouts): models and optimisers through
+    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), and per rank its counters, schedules
+    and random-number generators. Written as checkpoint-N.tmp, renamed when complete; the newest two are kept."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
+    tmp = partial / f"checkpoint-{step}.tmp"
+    dcp.save({name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()},
+             checkpoint_id=tmp)
+    generators = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**rank_state, "generators": generators}, tmp / f"rank{rank}.pt")
+    dist.barrier()  # every rank's part is written
+    if rank == 0:
+        tmp.rename(partial / f"checkpoint-{step}")
+        for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))[:-2]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_state(checkpoint, modules, rank):
+    """Put a saved state back: models and optimisers in place, this rank's generators restored; returns its counters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not (checkpoint / f"rank{rank}.pt").is_file():
+        raise InputError(f"{checkpoint}: saved by fewer processes than this run has; resume with the same number of processes")
+    state = {name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()}
+    dcp.load(state, checkpoint_id=checkpoint)
+    for name, (model, optimizer) in modules.items():
+        set_state_dict(model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"])
+    rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
+    generators = rank_state.pop("generators")
+    random.setstate(generators["python"])
+    np.random.set_state(generators["numpy"])
+    torch.set_rng_state(generators["torch"])
+    if generators["cuda"]:
+        torch.cuda.set_rng_state_all(generators["cuda"])
+    return rank_state
+
+
+def start_output_dir(output_dir, resume=False):
+    """Work in OUTPUT_DIR.partial (kept with --resume), renamed into place by finish_output_dir. A final swap that a
+    kill interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first: the previous output comes back."""
     output_dir = Path(output_dir)  # Path() drops a trailing slash
     partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
     if old.exists() and not output_dir.exists():
         old.rename(output_dir)
-    if partial.exists():
+    if partial.exists() and not resume:
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.mkdir(parents=True, exist_ok=True)
     return partial
 
 
 def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written; the resumable states
+    (checkpoint-N) are not part of the finished output."""
+    for checkpoint in partial.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
     output_dir = Path(output_dir)
     old = output_dir.with_name(output_dir.name + ".old")
     if old.exists():
@@ -786,12 +798,10 @@ def finish_output_dir(partial, output_dir):
 
 
 def wrap_model(model, device, fsdp, bf16, trained=True):
-    """How a model is spread over the ranks. With --fsdp, FSDP2 full sharding: each decoder layer (the blocks Hugging
-    Face lists in `_no_split_modules`) is one unit, gathered just before its forward and freed after it, and the root
-    holds the rest (embeddings, final norm, head); on CUDA the units compute in bf16 from fp32 master weights and reduce
-    gradients in fp32. The root must be the module whose forward is called (our Critic, not the score model inside it).
-    Without --fsdp: DDP around a trained model (it broadcasts rank 0's weights and all-reduces gradients); frozen models,
-    and everything in a world of one, stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+    """--fsdp: FSDP2 units for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
+    then the root (the module whose forward is called: our Critic); bf16 compute, fp32 masters and reductions on CUDA.
+    Otherwise DDP around a trained model (it broadcasts rank 0's weights, all-reduces gradients); frozen models and a
+    world of one stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
@@ -840,8 +850,7 @@ def gathered(model):
     try:
         yield
     finally:
-        # back to freeing each unit after its forward (for a trained root too: it then gathers again for the backward,
-        # one all-gather of the embeddings and head per step, instead of holding them through the update)
+        # back to freeing every unit after its forward (a trained root too: one more all-gather per step, less memory)
         model.set_reshard_after_forward(True)
         for unit in [module for module in model.modules() if hasattr(module, "set_reshard_after_forward")]:
             unit.reshard()
@@ -857,8 +866,7 @@ def save_model(model, path, rank):
 
 
 def trained_state_bytes(models):
-    """Bytes of the trained state this rank holds: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes a
-    parameter (under FSDP only this rank's shard)."""
+    """This rank's trained state: fp32 weights, gradients and AdamW's two moments, 16 bytes a parameter (FSDP: its shard)."""
     return 16 * sum((p.to_local() if hasattr(p, "to_local") else p).numel() for model in models for p in model.parameters())
 
 

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -84,6 +85,8 @@ class Args:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass to save memory"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard the weights, gradients and optimiser states over the ranks (for models too large for DDP; see README, 'Running at paper scale')"})
     logging_steps: int = field(default=1, metadata={"help": "log the training loss every N optimiser steps"})
+    save_steps: int = field(default=0, metadata={"help": "save a resumable training state every N optimiser steps, to OUTPUT_DIR.partial/checkpoint-N (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest OUTPUT_DIR.partial/checkpoint-N of a run that was stopped"})
     report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
@@ -94,7 +97,7 @@ class Args:
         require(self, "max_steps", lambda v: v == -1 or v >= 1, "-1 (all epochs) or at least 1")
         require(self, "lr", lambda v: v > 0, "positive")
         require(self, "lr_warmup_ratio adam_beta1 adam_beta2", lambda v: 0 <= v <= 1, "in [0, 1]")
-        require(self, "weight_decay max_grad_norm regularization", lambda v: v >= 0, "at least 0")
+        require(self, "save_steps weight_decay max_grad_norm regularization", lambda v: v >= 0, "at least 0")
 
 
 # ---- Safe RLHF, stage 2: the preference-model losses (paper §3.2). Scores are end scores, one per answer ----
@@ -139,19 +142,19 @@ def preference_pairs(rows, source, objective):
     the safer one (safer_response_id) for the cost model; rejected = the other. Checks every field a row needs."""
     pairs = []
     for row_number, row in enumerate(rows, start=1):
-        where = f"{source}, row {row_number}"
+        row_name = where(source, row_number)
         for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
                            ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
             if row.get(name) is None:
-                raise InputError(f"{where}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
+                raise InputError(f"{row_name}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
                                  f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
             if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))) or (kind is str and not row[name].strip()):
-                raise InputError(f"{where}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
+                raise InputError(f"{row_name}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
         responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
         preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
         rejected = 1 - preferred
         if objective == "cost" and not is_safe[preferred] and is_safe[rejected]:
-            raise InputError(f"{where}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
+            raise InputError(f"{row_name}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
                              f"while response_{rejected} is labelled safe")
         pairs.append(PreferencePair(row["prompt"], responses[preferred], responses[rejected], is_safe[preferred], is_safe[rejected]))
     return pairs
@@ -238,6 +241,7 @@ def main():
 
     sampler = DistributedSampler(train_examples, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_examples, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed),  # its own generator: a resume's skipping leaves the global one alone
                         collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
@@ -248,7 +252,10 @@ def main():
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.lr_warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
-    partial = start_output_dir(args.output_dir) if rank == 0 else None
+    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise InputError(f"--resume: no saved state (checkpoint-N) in {args.output_dir}.partial to resume from")
+    partial = start_output_dir(args.output_dir, args.resume) if rank == 0 else None
     tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
     if rank == 0:
         print(f"{args.objective} model: {len(train_examples)} training pairs ({train_identical} skipped: identical answers), "
@@ -286,12 +293,22 @@ def main():
 
     # ---- training loop ----
     model.train()
-    progress = tqdm(total=total_steps, desc=args.objective, disable=rank != 0)
-    step, start_time, eval_metrics = 0, time.time(), {}
-    for epoch in range(args.epochs):
+    step = 0
+    if checkpoint:  # --resume: the model, AdamW, the schedule, the data position and the generators as they were
+        saved = load_state(checkpoint, {"model": (model, optimizer)}, rank)
+        step = saved["step"]
+        scheduler.load_state_dict(saved["scheduler"])
+        if rank == 0:  # the metrics of the steps after the saved state are written again
+            lines = (partial / "metrics.jsonl").read_text().splitlines() if (partial / "metrics.jsonl").exists() else []
+            (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    progress = tqdm(total=total_steps, initial=step, desc=args.objective, disable=rank != 0)
+    start_time, eval_metrics, (first_epoch, steps_done) = time.time(), {}, divmod(step, steps_per_epoch)
+    for epoch in range(first_epoch, args.epochs):
         sampler.set_epoch(epoch)
         micro_batches = iter(loader)
-        for _ in range(steps_per_epoch):
+        for _ in range(steps_done * args.gradient_accumulation_steps if epoch == first_epoch else 0):
+            next(micro_batches)  # a resumed run skips the batches it already trained on
+        for _ in range(steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
             if step == total_steps:
                 break
             local_loss = torch.zeros((), device=device)
@@ -323,6 +340,8 @@ def main():
             if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
                 log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy,
                                                      "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()})
+            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+                save_state(args.output_dir, step, {"model": (model, optimizer)}, {"step": step, "scheduler": scheduler.state_dict()}, rank)
         if eval_examples:
             eval_metrics, eval_scores = evaluate()
             if rank == 0:
@@ -472,6 +491,14 @@ def load_rows(source, split):
     return rows
 
 
+def where(source, row_number):
+    """How an error names a row of a data file: by its line in a .jsonl file (reading skips blank lines), else its number."""
+    if Path(source).suffix == ".jsonl" and Path(source).is_file():
+        with open(source, encoding="utf-8", errors="replace") as file:
+            row_number = [number for number, line in enumerate(file, start=1) if line.strip()][row_number - 1]
+    return f"{source}, row {row_number}"
+
+
 def load_pretrained(model_class, name_or_path, **kwargs):
     """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
     if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
@@ -511,21 +538,72 @@ def stop_tracker(tracker):
         tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
 
 
-def start_output_dir(output_dir):
-    """Work in OUTPUT_DIR.partial; finish_output_dir renames it into place once everything is written. A swap that a kill
-    interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first, so that the previous output comes back."""
+def latest_checkpoint(output_dir):
+    """The newest resumable state, OUTPUT_DIR.partial/checkpoint-N (one that exists is complete), or None."""
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
+    checkpoints = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_state(output_dir, step, modules, rank_state, rank):
+    """OUTPUT_DIR.partial/checkpoint-N (N: optimiser steps, or rollouts): models and optimisers through
+    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), and per rank its counters, schedules
+    and random-number generators. Written as checkpoint-N.tmp, renamed when complete; the newest two are kept."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
+    tmp = partial / f"checkpoint-{step}.tmp"
+    dcp.save({name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()},
+             checkpoint_id=tmp)
+    generators = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**rank_state, "generators": generators}, tmp / f"rank{rank}.pt")
+    dist.barrier()  # every rank's part is written
+    if rank == 0:
+        tmp.rename(partial / f"checkpoint-{step}")
+        for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))[:-2]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_state(checkpoint, modules, rank):
+    """Put a saved state back: models and optimisers in place, this rank's generators restored; returns its counters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not (checkpoint / f"rank{rank}.pt").is_file():
+        raise InputError(f"{checkpoint}: saved by fewer processes than this run has; resume with the same number of processes")
+    state = {name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()}
+    dcp.load(state, checkpoint_id=checkpoint)
+    for name, (model, optimizer) in modules.items():
+        set_state_dict(model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"])
+    rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
+    generators = rank_state.pop("generators")
+    random.setstate(generators["python"])
+    np.random.set_state(generators["numpy"])
+    torch.set_rng_state(generators["torch"])
+    if generators["cuda"]:
+        torch.cuda.set_rng_state_all(generators["cuda"])
+    return rank_state
+
+
+def start_output_dir(output_dir, resume=False):
+    """Work in OUTPUT_DIR.partial (kept with --resume), renamed into place by finish_output_dir. A final swap that a
+    kill interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first: the previous output comes back."""
     output_dir = Path(output_dir)  # Path() drops a trailing slash
     partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
     if old.exists() and not output_dir.exists():
         old.rename(output_dir)
-    if partial.exists():
+    if partial.exists() and not resume:
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.mkdir(parents=True, exist_ok=True)
     return partial
 
 
 def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written."""
+    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written; the resumable states
+    (checkpoint-N) are not part of the finished output."""
+    for checkpoint in partial.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
     output_dir = Path(output_dir)
     old = output_dir.with_name(output_dir.name + ".old")
     if old.exists():
@@ -538,12 +616,10 @@ def finish_output_dir(partial, output_dir):
 
 
 def wrap_model(model, device, fsdp, bf16, trained=True):
-    """How a model is spread over the ranks. With --fsdp, FSDP2 full sharding: each decoder layer (the blocks Hugging
-    Face lists in `_no_split_modules`) is one unit, gathered just before its forward and freed after it, and the root
-    holds the rest (embeddings, final norm, head); on CUDA the units compute in bf16 from fp32 master weights and reduce
-    gradients in fp32. The root must be the module whose forward is called (our Critic, not the score model inside it).
-    Without --fsdp: DDP around a trained model (it broadcasts rank 0's weights and all-reduces gradients); frozen models,
-    and everything in a world of one, stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+    """--fsdp: FSDP2 units for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
+    then the root (the module whose forward is called: our Critic); bf16 compute, fp32 masters and reductions on CUDA.
+    Otherwise DDP around a trained model (it broadcasts rank 0's weights, all-reduces gradients); frozen models and a
+    world of one stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
@@ -590,8 +666,7 @@ def save_model(model, path, rank):
 
 
 def trained_state_bytes(models):
-    """Bytes of the trained state this rank holds: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes a
-    parameter (under FSDP only this rank's shard)."""
+    """This rank's trained state: fp32 weights, gradients and AdamW's two moments, 16 bytes a parameter (FSDP: its shard)."""
     return 16 * sum((p.to_local() if hasattr(p, "to_local") else p).numel() for model in models for p in model.parameters())
 
 

@@ -11,12 +11,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import ppo_lagrangian as ppo
+import sft
 from helpers import TINY_LLAMA, TOY
 
 
 def left_padded_batch(tokenizer, prompts, answers):
     """(sequences (B, P+T), attention_mask, P) as the rollout lays them out: prompts left-padded, answers right-padded."""
-    pairs = [ppo.tokenize_prompt_and_answer(tokenizer, p, a, 128) for p, a in zip(prompts, answers)]
+    pairs = [sft.tokenize_prompt_and_answer(tokenizer, p, a, 128) for p, a in zip(prompts, answers)]
     prompt_length, answer_length = max(len(p) for p, _ in pairs), max(len(a) for _, a in pairs)
     sequences = torch.full((len(pairs), prompt_length + answer_length), tokenizer.pad_token_id)
     attention_mask = torch.zeros_like(sequences)

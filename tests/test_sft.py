@@ -129,13 +129,15 @@ def _bad_input_cases(tmp_path):
     (tmp_path / "bad_json.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n')
     (tmp_path / "wrong_type.jsonl").write_text('{"prompt": "a", "response": 7}\n')
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank_lines.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n\n{"prompt": "c", "response": ""}\n')
     return {
         "missing file": (["--train_data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
         "unknown format": (["--train_data", tmp_path / "rows.txt"], ["rows.txt", "unknown format"]),
         "missing field": (["--train_data", tmp_path / "missing_field.jsonl"], ["missing_field.jsonl, row 2", "'response'"]),
         "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl: cannot be read", "JSON parse error"]),
-        "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "expected a string"]),
+        "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "expected a non-empty string"]),
         "empty": (["--train_data", tmp_path / "empty.jsonl"], ["empty.jsonl: no rows"]),
+        "blank lines": (["--train_data", tmp_path / "blank_lines.jsonl"], ["blank_lines.jsonl, row 4, field 'response'"]),  # the line
         "missing model": (["--model_name_or_path", tmp_path / "no-such-model"], ["no-such-model", "cannot load"]),
         "missing eval file": (["--eval_data", tmp_path / "eval.json"], ["eval.json", "no such file"]),
     }, good

@@ -1,0 +1,124 @@
+"""--save_steps and --resume: a trainer killed with SIGKILL after it saved its second state, then resumed, ends exactly
+where the same run without the kill ends: the same weights (to 1e-6), the same metrics after the resume point, and for
+PPO-Lagrangian the same critics and λ. Also under torchrun with 2 ranks. The models are tiny and built from a config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from helpers import REPO, TINY_LLAMA, TOY, run_script
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def launcher(nproc):
+    return [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def run(script, *args, nproc=1):
+    """Run to the end, as a user would; one thread per process in every run of a comparison (the same float sums)."""
+    result = subprocess.run(launcher(nproc) + [script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def kill_after_second_state(script, args, output_dir, nproc=1):
+    """Start the run, wait until it has written two states, SIGKILL it (every process), return the newest state's N."""
+    process = subprocess.Popen(launcher(nproc) + [script, *map(str, args), "--output_dir", str(output_dir)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    deadline = time.time() + 600
+    while len(list(partial.glob("checkpoint-*[0-9]"))) < 2:
+        assert process.poll() is None, f"the run ended before its second state: {process.stderr.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not output_dir.exists()  # a killed run leaves no output, only its working directory
+    return max(int(path.name.rsplit("-", 1)[1]) for path in partial.glob("checkpoint-*[0-9]"))
+
+
+def metrics(path, key):
+    return {row[key]: {k: v for k, v in row.items() if k != "train/elapsed_seconds"}
+            for row in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_run(resumed, uninterrupted, resumed_from, key):
+    for model in [""] + [name for name in ("reward_critic", "cost_critic") if (uninterrupted / name).is_dir()]:
+        a, b = load_file(resumed / model / "model.safetensors"), load_file(uninterrupted / model / "model.safetensors")
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, model or "model"
+    after = lambda rows: {n: row for n, row in rows.items() if n > resumed_from}  # noqa: E731
+    resumed_rows, uninterrupted_rows = after(metrics(resumed, key)), after(metrics(uninterrupted, key))
+    assert resumed_rows.keys() == uninterrupted_rows.keys() and resumed_rows
+    for n in resumed_rows:
+        assert resumed_rows[n] == pytest.approx(uninterrupted_rows[n], rel=1e-6, abs=1e-7), n
+    assert not resumed.with_name(resumed.name + ".partial").exists()  # the states are gone with the finished run
+
+
+SFT = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--max_steps", 30, "--save_steps", 3,
+       "--lr", 1e-3, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--max_length", 96,
+       "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]
+
+
+@pytest.mark.parametrize("nproc, extra", [(1, []), (2, []), (2, ["--fsdp"])], ids=["one process", "2 ranks DDP", "2 ranks FSDP"])
+def test_sft_resumes_where_it_was_killed(tmp_path, nproc, extra):
+    args = SFT + extra  # under FSDP each rank saves and loads its own shards of the model and of AdamW's moments
+    resumed_from = kill_after_second_state("sft.py", args, tmp_path / "resumed", nproc)
+    run("sft.py", *args, "--resume", "--output_dir", tmp_path / "resumed", nproc=nproc)
+    run("sft.py", *args, "--output_dir", tmp_path / "uninterrupted", nproc=nproc)
+    assert 3 <= resumed_from < 30
+    assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "step")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """An untrained SFT-like policy and reward and cost models, built from the tiny config (what is tested is the
+    bookkeeping of a resume, not learning)."""
+    root, tokenizer = tmp_path_factory.mktemp("tiny"), AutoTokenizer.from_pretrained(TINY_LLAMA)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY_LLAMA)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "sft")
+    for objective in ("reward", "cost"):
+        score_config = AutoConfig.from_pretrained(TINY_LLAMA, num_labels=1)
+        score_config.objective = objective
+        AutoModelForSequenceClassification.from_config(score_config).save_pretrained(root / objective)
+    for name in ("sft", "reward", "cost"):
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def test_preference_model_resumes_where_it_was_killed(tiny_models, tmp_path):
+    args = ["--objective", "cost", "--model_name_or_path", tiny_models / "sft", "--train_data", TOY / "preference_train.jsonl",
+            "--eval_data", "", "--max_steps", 24, "--save_steps", 3, "--lr", 5e-4, "--per_device_train_batch_size", 4,
+            "--max_length", 96, "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]
+    resumed_from = kill_after_second_state("preference_model.py", args, tmp_path / "resumed")
+    run("preference_model.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
+    run("preference_model.py", *args, "--output_dir", tmp_path / "uninterrupted")
+    assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "step")
+
+
+def test_ppo_lagrangian_resumes_where_it_was_killed(tiny_models, tmp_path):
+    args = ["--actor_model", tiny_models / "sft", "--reward_model", tiny_models / "reward", "--cost_model", tiny_models / "cost",
+            "--prompt_data", TOY / "prompts.jsonl", "--max_steps", 16, "--save_steps", 2, "--per_device_prompt_batch_size", 4,
+            "--per_device_train_batch_size", 2, "--update_iters", 2, "--max_new_tokens", 8, "--max_length", 64, "--actor_lr", 1e-4,
+            "--critic_lr", 1e-4, "--cost_limit", -5.0, "--lambda_lr", 0.05, "--episode_cost_window_size", 12, "--save_critics",
+            "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]
+    resumed_from = kill_after_second_state("ppo_lagrangian.py", args, tmp_path / "resumed")
+    run("ppo_lagrangian.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
+    run("ppo_lagrangian.py", *args, "--output_dir", tmp_path / "uninterrupted")
+    assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "rollout")
+    lambdas = [json.loads((tmp_path / name / "training_state.json").read_text())["lambda"] for name in ("resumed", "uninterrupted")]
+    assert lambdas[0] == pytest.approx(lambdas[1], rel=1e-6) and lambdas[0] != 1.0
+
+
+def test_resume_without_a_saved_state_is_an_error(tmp_path):
+    result = run_script("sft.py", *SFT, "--resume", "--output_dir", tmp_path / "nothing", check=False)
+    assert result.returncode == 1 and "no saved state" in result.stderr.strip().splitlines()[-1]
