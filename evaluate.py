@@ -17,8 +17,10 @@ Two jobs, one script (either or both in one run):
                              win rates P(R_B > R_A) and P(C_B < C_A), ties counted as half a win
        Elo                 = two ladders from one match per prompt per pair of policies: helpfulness (higher R
                              wins) and harmlessness (lower C wins), as the paper's two Elo axes (§4.2, Fig. 6)
-   With `--judge toy` the toy world's oracle (data/toy_world.py `judge`) also labels every answer, so its harmful
-   and helpful rates stand beside the models' and show whether the learned models agree with the truth.
+   With `--judge FILE.py` an annotator labels every answer too, so its harmful and helpful rates stand beside the
+   models' and show whether the learned models agree with it. FILE.py defines `judge(prompt, answer)` returning a
+   dict with booleans "harmful" and "helpful" (other keys, e.g. "archetype", are kept); `--judge toy` is the toy
+   worlds' oracle, data/toy_world.py. Any annotator fits: a guard model, an LLM judge, human labels read from a file.
 
 Deliberate differences from the paper: the judges of the arena and of Elo are our reward and cost models (the paper
 uses GPT-4 and people; any pairwise judge fits `elo_ratings`). An answer is scored as text: it is decoded, then
@@ -84,7 +86,7 @@ class Args:
     reward_model: str = field(default="", metadata={"help": "the reward model (preference_model.py --objective reward)"})
     cost_model: str = field(default="", metadata={"help": "the cost model (preference_model.py --objective cost)"})
     output_dir: str = field(default="output/eval", metadata={"help": "where answers.jsonl, results.json, report.md and the plots go"})
-    judge: str = field(default="", metadata={"help": "'toy': also label every answer with the toy world's oracle judge (data/toy_world.py); '': no oracle"})
+    judge: str = field(default="", metadata={"help": "also label every answer with an annotator: FILE.py defining judge(prompt, answer) -> {'harmful': bool, 'helpful': bool, ...}, 'toy' (data/toy_world.py, the toy worlds' oracle), or '' (none)"})
     greedy: bool = field(default=False, metadata={"help": "greedy decoding instead of seeded sampling"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (ignored with --greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (ignored with --greedy)"})
@@ -310,15 +312,33 @@ def load_score_tokenizer(path, expected):
     return tokenizer
 
 
-def load_toy_judge():
-    """`judge(prompt, response)` of the toy world, from data/toy_world.py next to this script."""
-    path = Path(__file__).resolve().parent / "data" / "toy_world.py"
-    if not path.is_file():
-        raise InputError(f"--judge toy needs {path}, the toy world's oracle; it is not there")
-    spec = importlib.util.spec_from_file_location("toy_world", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_judge(spec):
+    """The annotator: `judge(prompt, answer) -> {"harmful": bool, "helpful": bool, ...}` from a Python file, FILE.py or
+    'toy' (data/toy_world.py next to this script, the toy worlds' oracle)."""
+    path = Path(__file__).resolve().parent / "data" / "toy_world.py" if spec == "toy" else Path(spec)
+    name = f"toy ({path})" if spec == "toy" else spec
+    if path.suffix != ".py" or not path.is_file():
+        raise InputError(f"--judge {name}: " + ("no such file" if path.suffix == ".py" else "expected 'toy' or a Python file FILE.py"))
+    module_spec = importlib.util.spec_from_file_location(f"judge_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        raise InputError(f"--judge {name}: importing it failed: {type(error).__name__}: {error}") from error
+    if not callable(getattr(module, "judge", None)):
+        raise InputError(f"--judge {name}: defines no function judge(prompt, answer)")
     return module.judge
+
+
+def judged(judge, spec, prompt, answer):
+    """The judge's verdict on one answer, checked: 'harmful' and 'helpful' must be booleans."""
+    verdict = judge(prompt, answer)
+    for key in ("harmful", "helpful"):
+        if not isinstance(verdict, dict) or not isinstance(verdict.get(key), bool):
+            raise InputError(f"--judge {spec}: judge({prompt[:40]!r}..., answer) returned {verdict!r:.200}; expected a dict with booleans 'harmful' and 'helpful'")
+    return verdict
+
+
 def main():
     args = parse_args(Args)
     policies = parse_policies(args.policy)
@@ -328,8 +348,6 @@ def main():
         raise InputError("evaluating policies needs both --reward_model and --cost_model (the judges of helpfulness and harmlessness)")
     if args.preference_data and not (args.reward_model or args.cost_model):
         raise InputError("--preference_data needs --reward_model and/or --cost_model to evaluate")
-    if args.judge not in ("", "toy"):
-        raise InputError(f"--judge must be 'toy' (the toy world's oracle) or '' (none), not '{args.judge}'")
     check_output_dir(args.output_dir, {**{f"policy {name}": path for name, path in policies.items()}, "reward_model": args.reward_model,
                                        "cost_model": args.cost_model, "prompt_data": args.prompt_data, "preference_data": args.preference_data})
     rank, args.world_size, device = setup_distributed()
@@ -348,7 +366,7 @@ def main():
             raise InputError(f"{policies[name]}: this is a {objective} model, not a policy")
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise InputError(f"{policies[name]}: the tokenizer's pad token must exist and differ from EOS; use an sft.py or ppo_lagrangian.py checkpoint")
-    judge = load_toy_judge() if args.judge == "toy" else None
+    judge = load_judge(args.judge) if args.judge else None
     prompt_rows, skipped_long, split_by_kind = [], 0, False
     if policies:
         unique = {}
@@ -458,8 +476,8 @@ def main():
         if policies:
             if judge:
                 for record in (r for name in records for r in records[name]):
-                    verdict = judge(record["prompt"], record["answer"])
-                    record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict["archetype"])
+                    verdict = judged(judge, args.judge, record["prompt"], record["answer"])
+                    record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict.get("archetype"))
             results.update(prompt_data=args.prompt_data, prompts=len(prompt_rows), greedy=args.greedy, policies={})
             for name, answers in records.items():
                 results["policies"][name] = {"all": policy_summary(answers)}

@@ -3,6 +3,7 @@ answers.jsonl; two ranks giving the same greedy results as one; seeded sampling;
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -186,6 +187,44 @@ def test_sampling_is_seeded_per_policy(sft_checkpoint, preference_models, tmp_pa
     assert first == second and len(set(first)) > 1
     (arena,) = json.loads((tmp_path / "out" / "results.json").read_text())["arena"]
     assert arena["helpfulness_win_rate"] == 0.5 and arena["better_safe"] + arena["better_unsafe"] == 0  # all ties
+
+
+JUDGE_FILE = """
+def judge(prompt, answer):  # a stand-in annotator with a rule a test can recompute
+    return {"harmful": "steps" in answer.lower() or answer.count(",") >= 2, "helpful": len(answer.split()) > 8, "note": len(answer)}
+"""
+
+
+def test_a_judge_file_labels_every_answer(sft_checkpoint, preference_models, tmp_path):
+    (tmp_path / "my_judge.py").write_text(JUDGE_FILE)
+    run_script("evaluate.py", "--policy", f"sft={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl", "--reward_model",
+               preference_models / "reward", "--cost_model", preference_models / "cost", "--judge", tmp_path / "my_judge.py",
+               "--max_prompts", 8, "--max_new_tokens", 24, "--max_length", 128, "--output_dir", tmp_path / "out")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
+    for line in lines:  # the file's rule, not the toy oracle's
+        answer = line["answer"]
+        assert line["oracle_harmful"] == ("steps" in answer.lower() or answer.count(",") >= 2)
+        assert line["oracle_helpful"] == (len(answer.split()) > 8) and line["oracle_archetype"] is None
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["policies"]["sft"]["all"]
+    assert summary["oracle_helpful_rate"] == pytest.approx(sum(line["oracle_helpful"] for line in lines) / 8)
+
+
+def test_load_judge_names_what_is_wrong(tmp_path):
+    (tmp_path / "no_function.py").write_text("JUDGE = None\n")
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    (tmp_path / "labels.csv").write_text("prompt,harmful\n")
+    (tmp_path / "bad_verdict.py").write_text("def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n")
+    for spec, expected in ((tmp_path / "nope.py", "nope.py: no such file"), (tmp_path / "labels.csv", "expected 'toy' or a Python file"),
+                           (tmp_path / "no_function.py", "defines no function judge(prompt, answer)"),
+                           (tmp_path / "broken.py", "importing")):
+        with pytest.raises(ev.InputError, match=re.escape(expected)):
+            ev.load_judge(str(spec))
+    judge = ev.load_judge(str(tmp_path / "bad_verdict.py"))
+    with pytest.raises(ev.InputError, match=re.escape("expected a dict with booleans 'harmful' and 'helpful'")):
+        ev.judged(judge, "bad_verdict.py", "How do I bake bread?", "Knead it.")
+    toy = ev.load_judge("toy")  # the toy worlds' oracle under its short name
+    assert ev.judged(toy, "toy", "How do I bake bread?", "")["harmful"] is False
 
 
 def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
