@@ -81,6 +81,7 @@ class Args:
     prompt_data: str = field(default=PKU_SAFERLHF, metadata={"help": "prompts the policies answer (rows with a 'prompt' field, optionally a boolean 'harmful'): local .json/.jsonl/.parquet/.csv or hub NAME[@REVISION]"})
     prompt_split: str = field(default="test", metadata={"help": "split of a hub prompt data set"})
     max_prompts: int = field(default=-1, metadata={"help": "answer only the first N distinct prompts (-1: all)"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "answers per prompt and policy; with 2+ and --judge, consecutive pairs of answers are labelled into PKU-SafeRLHF rows (labelled_pairs.jsonl)"})
     preference_data: str = field(default="", metadata={"help": "held-out PKU-SafeRLHF-format pairs for the score-model job ('' to skip it)"})
     preference_split: str = field(default="test", metadata={"help": "split of a hub preference data set"})
     reward_model: str = field(default="", metadata={"help": "the reward model (preference_model.py --objective reward)"})
@@ -105,6 +106,7 @@ class Args:
     def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
         require(self, "max_new_tokens max_length per_device_batch_size", lambda v: v >= 1, "at least 1")
         require(self, "max_prompts", lambda v: v == -1 or v >= 1, "-1 (all) or at least 1")
+        require(self, "samples_per_prompt", lambda v: v == 1 or (v >= 1 and not self.greedy), "at least 1, and 1 with --greedy (greedy answers are all alike)")
         require(self, "temperature elo_k", lambda v: v > 0, "positive")
         require(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
         require(self, "elo_rounds", lambda v: v >= 0, "at least 0")
@@ -187,6 +189,24 @@ def elo_ratings(matches, k=4.0, initial=1000.0, rounds=100, seed=0):
             totals[player] += ratings[player]
     return {player: total / max(rounds, 1) for player, total in totals.items()}
 
+
+def labelled_pair(prompt, answer_0, answer_1, verdict_0, verdict_1, coin):
+    """A PKU-SafeRLHF row from two answers to one prompt and the annotator's verdicts ({"harmful", "helpful"}), or
+    None when the annotator prefers neither answer on either axis. The rule:
+        is_response_i_safe  = not harmful_i
+        safer_response_id   = the safe answer, if exactly one is safe
+        better_response_id  = the helpful answer, if exactly one is helpful
+    A tie on one axis only (both safe or both unsafe; both helpful or both not) is broken by a seeded coin, so that
+    the pair still teaches the other axis; a tie on both axes (identical verdicts) carries no preference: None, as does
+    a pair with an empty answer."""
+    safe = (not verdict_0["harmful"], not verdict_1["harmful"])
+    helpful = (verdict_0["helpful"], verdict_1["helpful"])
+    if (safe[0] == safe[1] and helpful[0] == helpful[1]) or not (answer_0.strip() and answer_1.strip()):
+        return None  # (an empty answer is no PKU-SafeRLHF response either)
+    safer = safe.index(True) if safe[0] != safe[1] else coin.randrange(2)
+    better = helpful.index(True) if helpful[0] != helpful[1] else coin.randrange(2)
+    return {"prompt": prompt, "response_0": answer_0, "response_1": answer_1, "is_response_0_safe": safe[0],
+            "is_response_1_safe": safe[1], "safer_response_id": safer, "better_response_id": better}
 
 
 # ---- the models at work: sampling, log-probs, scores and values ----
@@ -380,6 +400,7 @@ def main():
         prompt_rows = [row for row in unique.values() if fits(row["prompt"])]
         skipped_long = len(unique) - len(prompt_rows)
         prompt_rows = prompt_rows[: args.max_prompts] if args.max_prompts >= 0 else prompt_rows
+        prompt_rows = [row for row in prompt_rows for _ in range(args.samples_per_prompt)]  # a prompt's samples side by side
         if not prompt_rows:
             raise InputError(f"{args.prompt_data}: no prompt left to answer ({skipped_long} not shorter than --max_length {args.max_length})")
         split_by_kind = all(isinstance(row.get("harmful"), bool) for row in prompt_rows)  # report harmful/benign apart
@@ -478,7 +499,17 @@ def main():
                 for record in (r for name in records for r in records[name]):
                     verdict = judged(judge, args.judge, record["prompt"], record["answer"])
                     record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict.get("archetype"))
-            results.update(prompt_data=args.prompt_data, prompts=len(prompt_rows), greedy=args.greedy, policies={})
+                if args.samples_per_prompt > 1:  # new preference data: answers 2k and 2k+1 to the same prompt, labelled
+                    coin = random.Random(args.seed)
+                    K = args.samples_per_prompt  # each prompt's K answers lie side by side; an odd K leaves the last one unpaired
+                    pairs_of_answers = [(answers[i + j], answers[i + j + 1]) for answers in records.values()
+                                        for i in range(0, len(answers), K) for j in range(0, K - 1, 2)]
+                    verdicts = lambda r: {"harmful": r["oracle_harmful"], "helpful": r["oracle_helpful"]}
+                    labelled = [labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin) for a, b in pairs_of_answers]
+                    labelled_rows = [row for row in labelled if row is not None]
+                    results["labelled_pairs"] = {"pairs": len(labelled), "written": len(labelled_rows), "dropped_no_preference": len(labelled) - len(labelled_rows)}
+            results.update(prompt_data=args.prompt_data, prompts=len(prompt_rows) // args.samples_per_prompt,
+                           samples_per_prompt=args.samples_per_prompt, greedy=args.greedy, policies={})
             for name, answers in records.items():
                 results["policies"][name] = {"all": policy_summary(answers)}
                 if split_by_kind:
@@ -501,6 +532,9 @@ def main():
         (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
         if pairs:
             plot_score_histograms(histogram_groups, partial / "score_histogram.png")
+        if "labelled_pairs" in results:
+            with open(partial / "labelled_pairs.jsonl", "w", encoding="utf-8") as file:
+                file.writelines(json.dumps(row) + "\n" for row in labelled_rows)
         if policies:
             with open(partial / "answers.jsonl", "w", encoding="utf-8") as file:
                 for record in (r for name in records for r in records[name]):

@@ -3,6 +3,7 @@ answers.jsonl; two ranks giving the same greedy results as one; seeded sampling;
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -195,19 +196,50 @@ def judge(prompt, answer):  # a stand-in annotator with a rule a test can recomp
 """
 
 
-def test_a_judge_file_labels_every_answer(sft_checkpoint, preference_models, tmp_path):
+def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sft_checkpoint, preference_models, tmp_path):
     (tmp_path / "my_judge.py").write_text(JUDGE_FILE)
     run_script("evaluate.py", "--policy", f"sft={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl", "--reward_model",
                preference_models / "reward", "--cost_model", preference_models / "cost", "--judge", tmp_path / "my_judge.py",
-               "--max_prompts", 8, "--max_new_tokens", 24, "--max_length", 128, "--output_dir", tmp_path / "out")
+               "--max_prompts", 8, "--samples_per_prompt", 2, "--max_new_tokens", 24, "--max_length", 128, "--output_dir", tmp_path / "out")
     lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
-    assert len(lines) == 8
+    assert len(lines) == 16 and [line["prompt"] for line in lines[0::2]] == [line["prompt"] for line in lines[1::2]]
     for line in lines:  # the file's rule, not the toy oracle's
         answer = line["answer"]
         assert line["oracle_harmful"] == ("steps" in answer.lower() or answer.count(",") >= 2)
         assert line["oracle_helpful"] == (len(answer.split()) > 8) and line["oracle_archetype"] is None
-    summary = json.loads((tmp_path / "out" / "results.json").read_text())["policies"]["sft"]["all"]
-    assert summary["oracle_helpful_rate"] == pytest.approx(sum(line["oracle_helpful"] for line in lines) / 8)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["prompts"] == 8 and results["samples_per_prompt"] == 2
+    assert results["policies"]["sft"]["all"]["oracle_helpful_rate"] == pytest.approx(sum(line["oracle_helpful"] for line in lines) / 16)
+    # the two answers to each prompt became a PKU-SafeRLHF row, unless the judge preferred neither on either axis
+    rows = [json.loads(line) for line in (tmp_path / "out" / "labelled_pairs.jsonl").read_text().splitlines()]
+    kept = [(a, b) for a, b in zip(lines[0::2], lines[1::2]) if (a["oracle_harmful"], a["oracle_helpful"]) != (b["oracle_harmful"], b["oracle_helpful"])]
+    assert results["labelled_pairs"] == {"pairs": 8, "written": len(kept), "dropped_no_preference": 8 - len(kept)}
+    assert [(row["prompt"], row["response_0"], row["response_1"]) for row in rows] == [(a["prompt"], a["answer"], b["answer"]) for a, b in kept]
+    for row, (a, b) in zip(rows, kept):
+        assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (not a["oracle_harmful"], not b["oracle_harmful"])
+        if a["oracle_helpful"] != b["oracle_helpful"]:
+            assert row["better_response_id"] == (0 if a["oracle_helpful"] else 1)
+    for objective in ("reward", "cost"):  # the rows read back as training pairs
+        assert len(ev.preference_pairs(rows, "labelled_pairs.jsonl", objective)) == len(rows)
+
+
+def test_labelled_pair_rule_by_hand():
+    coin = random.Random(0)
+    comply, decline, refuse = {"harmful": True, "helpful": True}, {"harmful": False, "helpful": False}, {"harmful": False, "helpful": False}
+    helpful_safe = {"harmful": False, "helpful": True}
+    row = ev.labelled_pair("p", "Sure: steps", "No, but try this", comply, decline, coin)
+    assert row == {"prompt": "p", "response_0": "Sure: steps", "response_1": "No, but try this", "is_response_0_safe": False,
+                   "is_response_1_safe": True, "safer_response_id": 1, "better_response_id": 0}  # the paper's tension
+    row = ev.labelled_pair("p", "No.", "Here is how", refuse, helpful_safe, coin)
+    assert row["safer_response_id"] in (0, 1) and row["better_response_id"] == 1 and row["is_response_0_safe"] and row["is_response_1_safe"]
+    assert ev.labelled_pair("p", "No.", "I refuse.", refuse, decline, coin) is None  # no preference either way: dropped
+    assert ev.labelled_pair("p", "Sure: a", "Sure: b", comply, comply, coin) is None
+    # the coin that breaks a one-axis tie is seeded: the same seed, the same labels
+    tie_break = lambda seed: [ev.labelled_pair("p", "a", "b", refuse, helpful_safe, coin)["safer_response_id"] for coin in [random.Random(seed)] for _ in range(20)]
+    assert tie_break(3) == tie_break(3)
+    assert ev.labelled_pair("p", "", "Here is how", refuse, helpful_safe, coin) is None  # an empty answer is no response
+    picks = {ev.labelled_pair("p", "a", "b", refuse, helpful_safe, coin)["safer_response_id"] for _ in range(50)}
+    assert picks == {0, 1}  # a fair coin, not a fixed side
 
 
 def test_load_judge_names_what_is_wrong(tmp_path):
