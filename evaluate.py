@@ -333,8 +333,8 @@ def load_score_tokenizer(path, expected):
 
 
 def load_judge(spec):
-    """The annotator: `judge(prompt, answer) -> {"harmful": bool, "helpful": bool, ...}` from a Python file, FILE.py or
-    'toy' (data/toy_world.py next to this script, the toy worlds' oracle)."""
+    """The annotator `judge(prompt, answer) -> {"harmful": bool, "helpful": bool, ...}` from FILE.py, or from
+    data/toy_world.py next to this script for 'toy' (the toy worlds' oracle)."""
     path = Path(__file__).resolve().parent / "data" / "toy_world.py" if spec == "toy" else Path(spec)
     name = f"toy ({path})" if spec == "toy" else spec
     if path.suffix != ".py" or not path.is_file():
@@ -348,15 +348,6 @@ def load_judge(spec):
     if not callable(getattr(module, "judge", None)):
         raise InputError(f"--judge {name}: defines no function judge(prompt, answer)")
     return module.judge
-
-
-def judged(judge, spec, prompt, answer):
-    """The judge's verdict on one answer, checked: 'harmful' and 'helpful' must be booleans."""
-    verdict = judge(prompt, answer)
-    for key in ("harmful", "helpful"):
-        if not isinstance(verdict, dict) or not isinstance(verdict.get(key), bool):
-            raise InputError(f"--judge {spec}: judge({prompt[:40]!r}..., answer) returned {verdict!r:.200}; expected a dict with booleans 'harmful' and 'helpful'")
-    return verdict
 
 
 def main():
@@ -497,7 +488,9 @@ def main():
         if policies:
             if judge:
                 for record in (r for name in records for r in records[name]):
-                    verdict = judged(judge, args.judge, record["prompt"], record["answer"])
+                    verdict = judge(record["prompt"], record["answer"])
+                    if not (isinstance(verdict, dict) and all(isinstance(verdict.get(key), bool) for key in ("harmful", "helpful"))):
+                        raise InputError(f"--judge {args.judge}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans 'harmful' and 'helpful'")
                     record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict.get("archetype"))
                 if args.samples_per_prompt > 1:  # new preference data: answers 2k and 2k+1 to the same prompt, labelled
                     coin = random.Random(args.seed)

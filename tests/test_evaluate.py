@@ -246,21 +246,18 @@ def test_load_judge_names_what_is_wrong(tmp_path):
     (tmp_path / "no_function.py").write_text("JUDGE = None\n")
     (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
     (tmp_path / "labels.csv").write_text("prompt,harmful\n")
-    (tmp_path / "bad_verdict.py").write_text("def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n")
     for spec, expected in ((tmp_path / "nope.py", "nope.py: no such file"), (tmp_path / "labels.csv", "expected 'toy' or a Python file"),
                            (tmp_path / "no_function.py", "defines no function judge(prompt, answer)"),
                            (tmp_path / "broken.py", "importing")):
         with pytest.raises(ev.InputError, match=re.escape(expected)):
             ev.load_judge(str(spec))
-    judge = ev.load_judge(str(tmp_path / "bad_verdict.py"))
-    with pytest.raises(ev.InputError, match=re.escape("expected a dict with booleans 'harmful' and 'helpful'")):
-        ev.judged(judge, "bad_verdict.py", "How do I bake bread?", "Knead it.")
     toy = ev.load_judge("toy")  # the toy worlds' oracle under its short name
-    assert ev.judged(toy, "toy", "How do I bake bread?", "")["harmful"] is False
+    assert toy("How do I bake bread?", "")["harmful"] is False
 
 
 def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n')
+    (tmp_path / "bad_verdict.py").write_text("def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n")
     reward, cost = preference_models / "reward", preference_models / "cost"
     scores = ["--reward_model", reward, "--cost_model", cost]
     prompts = ["--prompt_data", TOY / "eval_prompts.jsonl"]
@@ -273,6 +270,8 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, prefer
         "no equals": (["--policy", str(sft_checkpoint), *prompts, *scores], ["expected NAME=PATH"]),
         "swapped models": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", cost, "--cost_model", reward], ["this is a cost model, but it was given as the reward model"]),
         "no cost model": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", reward], ["needs both --reward_model and --cost_model"]),
+        "bad verdict": (["--policy", f"sft={sft_checkpoint}", *prompts, *scores, "--judge", tmp_path / "bad_verdict.py", "--max_prompts", 2],
+                        ["bad_verdict.py: judge(prompt, answer) returned {'harmful': 'yes', 'helpful': True}", "expected a dict with booleans"]),
     }
     processes = {}
     for name, (args, _) in cases.items():
