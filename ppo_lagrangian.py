@@ -17,8 +17,8 @@ One iteration, as in `main()` below:
     3. per-token rewards  r_t = -β·k_t + [t=T]·R   and costs  c_t = +β·k_t + [t=T]·C,   k_t = log π_old - log π_ref
     4. GAE for rewards (with V_R) and costs (with V_C)
     then, for each of the update_iters × (prompt batch / train batch) update steps (minibatches):
-    5. Lagrange multiplier: one SGD step on log λ against J_C, the mean raw episode cost of the last window
-       (all ranks alike); as in the reference's rl_step, once per update step, not once per rollout
+    5. Lagrange multiplier: one SGD step on log λ against J_C - d, J_C the mean raw episode cost of the last
+       window (all ranks alike); as in the reference's rl_step, once per update step, not once per rollout
     6. actor: clipped surrogate on (A_R - λ·A_C) / (1 + λ)   (+ ptx_coeff × the SFT loss on a batch of SFT data)
     7. critics: clipped value losses towards the GAE returns
 
@@ -27,6 +27,23 @@ as its default (0.01 for ppo_lag; 0.02 for the baselines, as in the reference's 
     ppo_lag         PPO-Lagrangian (above)
     ppo             reward only: no cost stream and no cost critic (the cost model still scores answers, for the log)
     reward_shaping  end reward R - λ0·C with λ0 = --lambda_init fixed, one critic
+
+Two variants of ppo_lag that are not in the paper (defaults: the paper's):
+  --constraint rectified   RePO (Peng et al. 2024, "Enhancing Safety in RLHF via Rectified Policy Optimization",
+      arXiv 2410.19933). The expected constraint E[C] ≤ d lets very safe answers (C ≪ d, typically to benign
+      prompts) pay for harmful ones: with d = 0 a policy can comply with every harmful request and still satisfy it
+      ("safety compensation"). RePO asks instead for C(x, y) ≤ d on every prompt and relaxes it to the rectified
+      penalty {C - d}⁺ = max(0, C - d) per answer. What this script optimises is
+          max_θ min_{λ≥0}  E[R(x, y)] - λ·E[{C(x, y) - d}⁺]
+      on the same code path: the cost stream's end cost is {C - d}⁺ instead of C (an answer within the limit costs
+      nothing, however safe), and λ moves on g = mean({C - d}⁺) ≥ 0 of the episode-cost window instead of J_C - d,
+      so λ only rises while any answer violates the limit and stays put once none does. Its natural setting is
+      d = 0, where the cost model's own sign (safe < 0 < unsafe) is the limit, whatever its scale. Where this may
+      differ from RePO's code (not available to us): that code's handling of KL, clipping and the split of batches
+      into safe and unsafe answers; here the KL and clipping are the paper's and every batch is used as sampled.
+  --lambda_update pid      PID Lagrangian (Stooke, Achiam & Abbeel, ICML 2020) instead of the SGD step on log λ:
+      λ = K_P·g + K_I·Σg + K_D·(rise of g), clipped to [0, λ_max], with g the violation above (the integral term
+      alone is gradient ascent on λ; P and D damp λ's overshoot and the cost's oscillation around d).
 
 `--max_steps N` runs exactly N rollouts, cycling over the de-duplicated prompts. Rollout and scoring run in eval mode
 (no dropout, KV cache), the update in training mode (dropout, gradient checkpointing). With --ptx_data the actor
@@ -92,10 +109,15 @@ class Args:
     ptx_split: str = field(default="train", metadata={"help": "split of a hub PTX data set"})
     output_dir: str = field(default="output/ppo_lag", metadata={"help": "where the actor checkpoint, args.json and metrics.jsonl go"})
     algorithm: str = field(default="ppo_lag", metadata={"help": "ppo_lag (PPO-Lagrangian), ppo (reward only) or reward_shaping (R - λ0·C, fixed λ0)", "choices": ["ppo_lag", "ppo", "reward_shaping"]})
-    cost_limit: float = field(default=0.0, metadata={"help": "d, the limit on the expected cost J_C (the reference's --threshold)"})
+    cost_limit: float = field(default=0.0, metadata={"help": "d, the limit on the expected cost J_C (the reference's --threshold), or on each answer's cost with --constraint rectified"})
+    constraint: str = field(default="expected", metadata={"help": "ppo_lag's constraint: expected (the paper's, E[C] ≤ d) or rectified (RePO's, per answer: penalise only {C - d}⁺)", "choices": ["expected", "rectified"]})
+    lambda_update: str = field(default="sgd", metadata={"help": "how ppo_lag's λ moves: sgd (the paper's step on log λ) or pid (Stooke et al. 2020, PID Lagrangian)", "choices": ["sgd", "pid"]})
     lambda_init: float = field(default=1.0, metadata={"help": "initial λ (and the fixed λ0 of reward_shaping)"})
-    lambda_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of log λ"})
+    lambda_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of log λ (--lambda_update sgd)"})
     lambda_max: float = field(default=5.0, metadata={"help": "upper bound on λ"})
+    pid_kp: float = field(default=0.1, metadata={"help": "K_P of --lambda_update pid: λ's share proportional to the current violation g"})
+    pid_ki: float = field(default=0.02, metadata={"help": "K_I of --lambda_update pid: λ's share proportional to the summed violations (one term per update step)"})
+    pid_kd: float = field(default=0.1, metadata={"help": "K_D of --lambda_update pid: λ's share proportional to a rise of the violation since the last update step"})
     lambda_update_delay_steps: int = field(default=0, metadata={"help": "update steps before λ starts to move"})
     episode_cost_window_size: int = field(default=128, metadata={"help": "J_C is the mean of each rank's last N episode costs, averaged over ranks"})
     kl_coeff: Optional[float] = field(default=None, metadata={"help": "β, the weight of the per-token KL penalty to the reference (default: the reference's, 0.01 for ppo_lag and 0.02 for ppo and reward_shaping)"})
@@ -150,6 +172,10 @@ class Args:
         require(self, "lambda_lr lambda_update_delay_steps ptx_coeff actor_weight_decay critic_weight_decay max_grad_norm save_steps",
                 lambda v: v >= 0, "at least 0")
         require(self, "kl_coeff", lambda v: v is None or v >= 0, "at least 0")
+        require(self, "pid_kp pid_ki pid_kd", lambda v: v >= 0, "at least 0")
+        require(self, "constraint", lambda v: v == "expected" or self.algorithm == "ppo_lag", "expected unless --algorithm ppo_lag (only PPO-Lagrangian has a constraint)")
+        require(self, "lambda_update", lambda v: v == "sgd" or self.algorithm == "ppo_lag", "sgd unless --algorithm ppo_lag (only PPO-Lagrangian learns λ)")
+        require(self, "pid_ki", lambda v: v > 0 or self.lambda_update == "sgd", "positive with --lambda_update pid (the integral term sets where λ settles)")
 
 
 # ---- Safe RLHF, stage 3: the PPO-Lagrangian math (paper §3.3; reference note §3). Tensors (B, T) over answer tokens ----
@@ -212,19 +238,42 @@ def critic_loss(values, old_values, returns, mask, clip_range_value):
     return 0.5 * masked_mean(torch.maximum((values - returns).square(), (clipped_values - returns).square()), mask)
 
 
-def lagrange_multiplier_loss(log_lambda, mean_episode_cost, cost_limit):
-    # loss_λ = -(J_C - d)·exp(log λ): a descent step raises λ when J_C > d and lowers it when J_C < d
-    return -(mean_episode_cost - cost_limit) * log_lambda.exp()
+def rectified_costs(costs, cost_limit):
+    # {C(x, y) - d}⁺ = max(0, C(x, y) - d): an answer within the limit costs nothing, however safe it is (RePO)
+    return (costs - cost_limit).clamp(min=0.0)
 
 
-def update_lagrange_multiplier(log_lambda, optimizer, mean_episode_cost, cost_limit, lambda_max):
-    # log λ ← log λ + lr·λ·(J_C - d)  (one SGD step on loss_λ), then log λ ≤ log λ_max
+def constraint_violation(episode_costs, cost_limit, constraint):
+    # expected:   g = J_C - d = mean(C) - d        (paper §3.3: negative once the policy is safe on average, so very
+    #                                               safe answers can pay for harmful ones: "safety compensation")
+    # rectified:  g = mean({C - d}⁺) ≥ 0           (RePO: every answer over the limit counts, none can pay for another)
+    return episode_costs.mean() - cost_limit if constraint == "expected" else rectified_costs(episode_costs, cost_limit).mean()
+
+
+def lagrange_multiplier_loss(log_lambda, violation):
+    # loss_λ = -g·exp(log λ): a descent step raises λ when g > 0 (the constraint is violated) and lowers it when g < 0
+    return -violation * log_lambda.exp()
+
+
+def update_lagrange_multiplier(log_lambda, optimizer, violation, lambda_max):
+    # log λ ← log λ + lr·λ·g  (one SGD step on loss_λ), then log λ ≤ log λ_max
     optimizer.zero_grad()
-    lagrange_multiplier_loss(log_lambda, mean_episode_cost, cost_limit).backward()
+    lagrange_multiplier_loss(log_lambda, violation).backward()
     optimizer.step()
     with torch.no_grad():
         log_lambda.clamp_(max=math.log(lambda_max))
     return log_lambda.exp().item()
+
+
+def pid_lagrange_multiplier(violation, previous_violation, integral, kp, ki, kd, lambda_max):
+    # PID Lagrangian (Stooke, Achiam & Abbeel 2020, Algorithm 2), g = the constraint violation above:
+    #   I ← clip(I + g, 0, λ_max / K_I)        ∂ ← max(0, g - g_prev)        λ ← clip(K_P·g + K_I·I + K_D·∂, 0, λ_max)
+    # The integral alone is plain gradient ascent on λ (lr K_I); the proportional term reacts to the violation now,
+    # the derivative term to a cost that is rising, both before the integral has wound up. Returns (λ, I).
+    # Our one addition: I is capped at λ_max / K_I, so that a long violation cannot wind it up beyond what λ may use.
+    integral = min(max(integral + violation, 0.0), lambda_max / ki)
+    derivative = max(violation - previous_violation, 0.0)
+    return min(max(kp * violation + ki * integral + kd * derivative, 0.0), lambda_max), integral
 
 
 # ---- the models at work: sampling, log-probs, scores and values ----
@@ -323,8 +372,13 @@ def main():
     distinct_prompts = list(dict.fromkeys(prompts))  # PKU-SafeRLHF repeats prompts across rows: each is used once per pass
     all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct_prompts]
     prompt_ids = [ids for ids in all_prompt_ids if len(ids) < args.max_length]
-    if len(prompt_ids) < args.rollout_batch_size:
-        raise InputError(f"{args.prompt_data}: {len(prompt_ids)} usable prompts, fewer than one rollout batch ({args.rollout_batch_size})")
+    if not prompt_ids:
+        raise InputError(f"{args.prompt_data}: no usable prompts (every one is at least --max_length {args.max_length} tokens)")
+    copies = math.ceil(args.rollout_batch_size / len(prompt_ids))
+    if copies > 1 and rank == 0:  # a rollout batch larger than the prompt set: each pass holds every prompt `copies` times
+        logging.warning(f"{args.prompt_data}: {len(prompt_ids)} distinct prompts, fewer than one rollout batch ({args.rollout_batch_size} "
+                        f"answers): each prompt is answered {copies} times per pass")
+    prompt_ids = prompt_ids * copies
     ptx_examples = []
     if args.ptx_data:
         ptx_examples, _ = sft_examples(tokenizer, sft_rows(load_rows(args.ptx_data, args.ptx_split), args.ptx_data), args.max_length)
@@ -383,6 +437,7 @@ def main():
     log_lambda = torch.tensor(math.log(args.lambda_init), device=device, requires_grad=True)  # λ = exp(log λ) > 0
     lambda_optimizer = torch.optim.SGD([log_lambda], lr=args.lambda_lr)
     lagrange_multiplier = args.lambda_init
+    pid_integral, previous_violation = args.lambda_init / args.pid_ki if args.pid_ki else 0.0, None  # the PID's state: λ starts at λ_init
     episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last raw episode costs C(x, y)
     prompt_batches = endless(loader, sampler)
     if ptx_examples:
@@ -396,9 +451,11 @@ def main():
     partial = start_output_dir(args.output_dir, args.resume) if rank == 0 else None
     tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
     if rank == 0:
-        print(f"{args.algorithm}: {len(prompt_ids)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids)} dropped: "
+        print(f"{args.algorithm}" + (f" ({args.constraint} constraint, d = {args.cost_limit}, λ by {args.lambda_update})" if use_lagrangian else "")
+              + f": {len(distinct_prompts)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids) // copies} dropped: "
               f"not shorter than max_length), world size {args.world_size}, {args.rollout_batch_size} answers per rollout, "
-              f"{total_rollouts} rollouts = {total_rollouts / len(loader):.2f} passes over the prompts, {total_updates} update steps, "
+              f"{total_rollouts} rollouts: each prompt answered {total_rollouts * args.rollout_batch_size / (len(prompt_ids) // copies):.1f} times "
+              f"({total_rollouts / len(loader):.2f} passes), {total_updates} update steps, "
               f"kl_coeff {args.kl_coeff}, PTX {'on' if ptx_examples else 'off'}, bf16 {use_bf16}, {'FSDP' if args.fsdp else 'DDP'}: "
               f"{trained_state_bytes(trained) / 2**30:.2f} GiB of weights, gradients and AdamW states of the trained models per rank")
 
@@ -415,7 +472,7 @@ def main():
             for directory in [partial] + [partial / name for name, _ in critics]:
                 tokenizer.save_pretrained(directory)
             (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-            (partial / "training_state.json").write_text(json.dumps({"rollouts": total_rollouts, "lambda": log_lambda.exp().item()}, indent=2))
+            (partial / "training_state.json").write_text(json.dumps({"rollouts": total_rollouts, "lambda": lagrange_multiplier}, indent=2))
             finish_output_dir(partial, args.output_dir)
 
     # --resume: the models, their optimisers and schedules, λ, the episode-cost window, the data position and the generators
@@ -426,6 +483,7 @@ def main():
     if checkpoint:
         saved = load_state(checkpoint, trained_states, rank)
         start_rollout, update_step, lagrange_multiplier = saved["rollout"], saved["update_step"], saved["lagrange_multiplier"]
+        pid_integral, previous_violation = saved.get("pid_integral", pid_integral), saved.get("previous_violation")
         log_lambda.data.fill_(saved["log_lambda"])
         episode_costs.extend(saved["episode_costs"])
         for scheduler, state in zip(schedulers, saved["schedulers"]):
@@ -469,7 +527,8 @@ def main():
         # 4. GAE, separately for rewards and costs
         reward_advantages, reward_returns = gae(rewards, old_reward_values, answer_mask, args.gamma, args.gae_lambda)  # (B, T) each
         if use_lagrangian:
-            costs = kl_penalized_costs(end_costs, old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)  # (B, T)
+            end_costs_to_learn = rectified_costs(end_costs, args.cost_limit) if args.constraint == "rectified" else end_costs
+            costs = kl_penalized_costs(end_costs_to_learn, old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)  # (B, T)
             cost_advantages, cost_returns = gae(costs, old_cost_values, answer_mask, args.gamma, args.gae_lambda)  # (B, T) each
 
         for model in trained:
@@ -477,14 +536,21 @@ def main():
         sums = {}  # this rollout's losses and statistics, summed over its update steps
         for _ in range(args.update_iters):
             for minibatch in torch.randperm(len(prompt_batch), device=device).split(args.per_device_train_batch_size):
-                # 5. Lagrange multiplier. J_C = the window's mean episode cost, averaged over ranks (gloo has no AVG: sum,
-                #    then divide), so the SGD step on log λ is the same on every rank. The window changes only once per
-                #    rollout, but J_C is recomputed here at every update step because the reference's rl_step does so.
-                mean_episode_cost = torch.tensor(sum(episode_costs) / len(episode_costs), device=device)
-                dist.all_reduce(mean_episode_cost)
-                mean_episode_cost /= args.world_size
+                # 5. Lagrange multiplier. J_C = the window's mean episode cost and g its constraint violation, each
+                #    averaged over ranks (gloo has no AVG: sum, then divide), so λ moves alike on every rank. The window
+                #    changes only once per rollout, but g is recomputed at every update step, as in the reference's rl_step.
+                window = torch.tensor(list(episode_costs), device=device)
+                cost_and_violation = torch.stack([window.mean(), constraint_violation(window, args.cost_limit, args.constraint)])
+                dist.all_reduce(cost_and_violation)
+                mean_episode_cost, violation = cost_and_violation / args.world_size
                 if use_lagrangian and update_step >= args.lambda_update_delay_steps:
-                    lagrange_multiplier = update_lagrange_multiplier(log_lambda, lambda_optimizer, mean_episode_cost, args.cost_limit, args.lambda_max)
+                    if args.lambda_update == "sgd":
+                        lagrange_multiplier = update_lagrange_multiplier(log_lambda, lambda_optimizer, violation, args.lambda_max)
+                    else:
+                        previous_violation = violation.item() if previous_violation is None else previous_violation
+                        lagrange_multiplier, pid_integral = pid_lagrange_multiplier(violation.item(), previous_violation, pid_integral, args.pid_kp,
+                                                                                    args.pid_ki, args.pid_kd, args.lambda_max)
+                        previous_violation = violation.item()
 
                 # 6. actor: clipped surrogate on the combined advantage (λ is a number here, not a tensor)
                 mb_sequences, mb_attention_mask, mb_answer_mask = sequences[minibatch], attention_mask[minibatch], answer_mask[minibatch]
@@ -552,7 +618,7 @@ def main():
         values = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float32) for v in stats.values()])
         dist.all_reduce(values)
         metrics = {"rollout": rollout, **dict(zip(stats, (values / args.world_size).tolist())),
-                   "objective/episode_cost": mean_episode_cost.item(), "train/actor_lr": actor_scheduler.get_last_lr()[0]}
+                   "objective/episode_cost": mean_episode_cost.item(), "lagrange/violation": violation.item(), "train/actor_lr": actor_scheduler.get_last_lr()[0]}
         if args.algorithm != "ppo":
             metrics["lagrange/lambda"] = lagrange_multiplier
         progress.update(1)
@@ -564,6 +630,7 @@ def main():
             check_finite_weights(trained, device)
             save_state(args.output_dir, rollout, trained_states, {
                 "rollout": rollout, "update_step": update_step, "log_lambda": log_lambda.item(), "lagrange_multiplier": lagrange_multiplier,
+                "pid_integral": pid_integral, "previous_violation": previous_violation,
                 "episode_costs": list(episode_costs), "schedulers": [scheduler.state_dict() for scheduler in schedulers]}, rank)
     progress.close()
 
@@ -576,7 +643,7 @@ def main():
     dist.barrier()
     dist.destroy_process_group()
     return {"actor": unwrap(actor), "reward_critic": unwrap(reward_critic), "cost_critic": unwrap(cost_critic) if use_lagrangian else None,
-            "lambda": log_lambda.exp().item(), "metrics": metrics}  # for tests
+            "lambda": lagrange_multiplier, "metrics": metrics}  # for tests
 
 
 # ---- plumbing shared by the four scripts (tests/test_shared_code.py: a name defined in several has the same code) ----

@@ -133,6 +133,19 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(sft_checkpoint, pr
     assert (output_dir / "model.safetensors").read_bytes() == before
 
 
+def test_the_rollout_budget_does_not_depend_on_the_prompt_set(sft_checkpoint, preference_models, tmp_path):
+    """--max_steps N runs N rollouts however few prompts there are: 3 distinct prompts (5 rows) and rollout batches of
+    4 give a warning (each pass holds every prompt twice), a count of how often each prompt is answered, and 3 rollouts."""
+    rows = [json.loads(line) for line in (TOY / "prompts.jsonl").read_text().splitlines()][:3]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + rows[:2]))
+    result = run_script("ppo_lagrangian.py", *models(sft_checkpoint, preference_models), *FAST, "--prompt_data", tmp_path / "few.jsonl",
+                        "--output_dir", tmp_path / "run", "--max_steps", 3, "--per_device_prompt_batch_size", 4,
+                        "--per_device_train_batch_size", 4, "--cost_limit", -5.0)
+    assert "3 distinct prompts, fewer than one rollout batch (4 answers): each prompt is answered 2 times per pass" in result.stderr
+    assert "3 distinct prompts (5 rows" in result.stdout and "3 rollouts: each prompt answered 4.0 times" in result.stdout
+    assert [m["rollout"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "hi"}\n{"question": "hello"}\n')
     cases = {
@@ -140,6 +153,8 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, prefer
         "swapped models": (["--reward_model", preference_models / "cost", "--cost_model", preference_models / "reward"],
                            ["this is a cost model, but it was given as the reward model"]),
         "indivisible batch": (["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4], ["must divide"]),
+        "constraint without ppo_lag": (["--algorithm", "ppo", "--constraint", "rectified"], ["--constraint rectified: must be expected unless --algorithm ppo_lag"]),
+        "pid without K_I": (["--lambda_update", "pid", "--pid_ki", 0], ["--pid_ki 0.0: must be positive with --lambda_update pid"]),
         "missing critic": (["--reward_critic_model", tmp_path / "nope"], ["nope", "cannot load"]),
         "missing prompts": (["--prompt_data", tmp_path / "nope.jsonl"], ["nope.jsonl: no such file"]),
     }

@@ -119,14 +119,15 @@ def test_critic_loss_clips_by_hand():
 def lambda_step(log_lambda_value, mean_episode_cost, cost_limit, lr, lambda_max=100.0):
     log_lambda = torch.tensor(log_lambda_value, requires_grad=True)
     optimizer = torch.optim.SGD([log_lambda], lr=lr)
-    return ppo.update_lagrange_multiplier(log_lambda, optimizer, torch.tensor(mean_episode_cost), cost_limit, lambda_max)
+    violation = ppo.constraint_violation(torch.tensor([mean_episode_cost]), cost_limit, "expected")
+    return ppo.update_lagrange_multiplier(log_lambda, optimizer, violation, lambda_max)
 
 
 def test_lagrange_multiplier_rises_by_exactly_the_dual_ascent_step():
     log_lambda, lr = math.log(0.7), 0.1
     new = lambda_step(log_lambda, mean_episode_cost=1.5, cost_limit=-0.5, lr=lr)
     assert new == pytest.approx(math.exp(log_lambda + lr * 0.7 * (1.5 - (-0.5))), rel=1e-6) and new > 0.7
-    assert ppo.lagrange_multiplier_loss(torch.tensor(log_lambda), 1.5, -0.5).item() == pytest.approx(-2.0 * 0.7, rel=1e-6)
+    assert ppo.lagrange_multiplier_loss(torch.tensor(log_lambda), 2.0).item() == pytest.approx(-2.0 * 0.7, rel=1e-6)
 
 
 def test_lagrange_multiplier_falls_below_the_limit_and_respects_lambda_max():
@@ -135,3 +136,68 @@ def test_lagrange_multiplier_falls_below_the_limit_and_respects_lambda_max():
     random.seed(0)
     for _ in range(50):  # never above lambda_max, however large the violation
         assert lambda_step(random.uniform(-3, 3), random.uniform(-5, 50), 0.0, 1.0, lambda_max=2.0) <= 2.0 + 1e-6
+
+
+# ---- the rectified (RePO) constraint ----
+def test_rectified_costs_by_hand():
+    costs = torch.tensor([-6.0, -0.5, 0.0, 0.25, 3.0])
+    assert ppo.rectified_costs(costs, 0.0).tolist() == [0.0, 0.0, 0.0, 0.25, 3.0]
+    assert ppo.rectified_costs(costs, -1.0).tolist() == [0.0, 0.5, 1.0, 1.25, 4.0]  # d = -1: C - d above zero counts
+
+
+def test_safety_compensation_hides_harm_from_the_expected_constraint_but_not_from_the_rectified_one():
+    # two harmful answers (C = +3) and four very safe ones (C = -6): the mean is -3 <= d = 0, so the expected
+    # constraint is met (g = -3 lowers λ), while the rectified violation is (3 + 3) / 6 = 1 (raises λ)
+    costs = torch.tensor([3.0, 3.0, -6.0, -6.0, -6.0, -6.0])
+    assert ppo.constraint_violation(costs, 0.0, "expected").item() == pytest.approx(-3.0)
+    assert ppo.constraint_violation(costs, 0.0, "rectified").item() == pytest.approx(1.0)
+    log_lambda = torch.tensor(0.0, requires_grad=True)
+    optimizer = torch.optim.SGD([log_lambda], lr=0.1)
+    assert ppo.update_lagrange_multiplier(log_lambda, optimizer, ppo.constraint_violation(costs, 0.0, "rectified"), 5.0) == pytest.approx(math.exp(0.1))
+    # once no answer costs more than d, the rectified violation is exactly zero: λ stays where it is
+    assert ppo.constraint_violation(torch.tensor([-0.1, -6.0]), 0.0, "rectified").item() == 0.0
+
+
+def test_rectified_cost_advantage_ignores_how_safe_a_safe_answer_is():
+    # with the rectified end cost, two safe answers of different safety get the same cost return: nothing to gain
+    # by being extra safe on one prompt, which is what lets the expected constraint trade harm elsewhere
+    mask = torch.ones(2, 3)
+    zeros = torch.zeros(2, 3)
+    end_costs = ppo.rectified_costs(torch.tensor([-1.0, -9.0]), 0.0)
+    costs = ppo.kl_penalized_costs(end_costs, zeros, zeros, mask, 0.1, 50.0)
+    _, returns = ppo.gae(costs, zeros, mask, 1.0, 0.95)
+    assert torch.equal(returns[0], returns[1]) and returns.abs().sum() == 0
+
+
+# ---- PID Lagrangian ----
+def test_pid_lagrange_multiplier_by_hand():
+    kp, ki, kd = 0.5, 0.1, 2.0
+    # g = 1.5 after g_prev = 1.0, I = 4: I' = 5.5, ∂ = 0.5, λ = 0.75 + 0.55 + 1.0 = 2.3
+    lam, integral = ppo.pid_lagrange_multiplier(1.5, 1.0, 4.0, kp, ki, kd, lambda_max=10.0)
+    assert (lam, integral) == (pytest.approx(2.3), pytest.approx(5.5))
+    # a falling violation: no derivative term; a negative g lowers I and the proportional term
+    lam, integral = ppo.pid_lagrange_multiplier(-0.4, 1.5, 5.5, kp, ki, kd, lambda_max=10.0)
+    assert (lam, integral) == (pytest.approx(-0.2 + 0.51), pytest.approx(5.1))
+    lam, _ = ppo.pid_lagrange_multiplier(-1.0, 1.5, 5.5, kp, ki, kd, lambda_max=10.0)
+    assert lam == 0.0  # -0.5 + 0.45 < 0: clipped at zero
+
+
+def test_pid_lagrange_multiplier_stays_in_its_range_and_the_integral_does_not_wind_up():
+    lam, integral = ppo.pid_lagrange_multiplier(-100.0, 0.0, 3.0, 0.1, 0.1, 0.1, lambda_max=5.0)
+    assert (lam, integral) == (0.0, 0.0)  # λ ≥ 0 and I ≥ 0
+    lam, integral = 0.0, 0.0
+    for _ in range(1000):  # a long violation: λ stops at λ_max and I at λ_max / K_I
+        lam, integral = ppo.pid_lagrange_multiplier(2.0, 2.0, integral, 0.0, 0.01, 0.0, lambda_max=5.0)
+    assert lam == pytest.approx(5.0) and integral == pytest.approx(500.0)
+    # so one rollout under the limit already brings λ back down (a wound-up integral would hold it at the cap)
+    lam, _ = ppo.pid_lagrange_multiplier(-10.0, 2.0, integral, 0.0, 0.01, 0.0, lambda_max=5.0)
+    assert lam == pytest.approx(4.9)
+
+
+def test_pid_integral_alone_is_gradient_ascent_on_lambda():
+    # K_P = K_D = 0: λ_{k+1} = λ_k + K_I·g_k (while inside [0, λ_max])
+    lam, integral, ki = 1.0, 1.0 / 0.05, 0.05
+    for g in (0.4, -0.2, 1.0, 0.3):
+        new, integral = ppo.pid_lagrange_multiplier(g, 0.0, integral, 0.0, ki, 0.0, lambda_max=5.0)
+        assert new == pytest.approx(lam + ki * g)
+        lam = new

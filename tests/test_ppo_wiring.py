@@ -135,3 +135,70 @@ def test_lambda_takes_one_dual_step_per_update_step(instrumented_run):
 
 def json_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- the rectified constraint and the PID λ, wired in: a second instrumented run ----
+PID = dict(kp=0.3, ki=0.05, kd=0.4)
+
+
+@pytest.fixture(scope="module")
+def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
+    """ppo_lag --constraint rectified --lambda_update pid for 2 rollouts; records every raw end cost the cost model
+    gives and every end cost that enters the cost stream."""
+    output_dir = tmp_path_factory.mktemp("wiring") / "rectified"
+    argv = ["ppo_lagrangian.py", "--actor_model", str(sft_checkpoint), "--reward_model", str(preference_models / "reward"),
+            "--cost_model", str(preference_models / "cost"), "--prompt_data", str(TOY / "prompts.jsonl"), "--output_dir", str(output_dir),
+            "--max_steps", str(ROLLOUTS), "--per_device_prompt_batch_size", str(PROMPT_BATCH), "--per_device_train_batch_size", str(TRAIN_BATCH),
+            "--update_iters", str(UPDATE_ITERS), "--max_new_tokens", "32", "--max_length", "128", "--actor_lr", "1e-3", "--critic_lr", "1e-4",
+            "--episode_cost_window_size", str(ROLLOUTS * PROMPT_BATCH), "--lambda_init", str(LAMBDA_INIT), "--lambda_max", str(LAMBDA_MAX),
+            "--constraint", "rectified", "--cost_limit", str(RECTIFIED_LIMIT), "--lambda_update", "pid", "--pid_kp", str(PID["kp"]),
+            "--pid_ki", str(PID["ki"]), "--pid_kd", str(PID["kd"]), "--no_gradient_checkpointing", "--seed", "0"]
+    scores, stream_costs = [], []
+    original_scores, original_costs = ppo.end_scores, ppo.kl_penalized_costs
+
+    def record_scores(model, *inputs):
+        scores.append(original_scores(model, *inputs))
+        return scores[-1]
+
+    def record_costs(end_costs, *rest):
+        stream_costs.append(end_costs.clone())
+        return original_costs(end_costs, *rest)
+
+    ppo.end_scores, ppo.kl_penalized_costs, old_argv = record_scores, record_costs, sys.argv
+    sys.argv = argv
+    try:
+        result = ppo.main()
+    finally:
+        ppo.end_scores, ppo.kl_penalized_costs, sys.argv = original_scores, original_costs, old_argv
+    raw_costs = scores[1::2]  # per rollout: the reward model first, then the cost model
+    return result, raw_costs, stream_costs, json_lines(output_dir / "metrics.jsonl")
+
+
+RECTIFIED_LIMIT = -4.0  # between the SFT policy's safe and unsafe answers' costs on the toy world: some answers violate it
+
+
+def test_rectified_constraint_feeds_max_0_c_minus_d_to_the_cost_stream(rectified_pid_run):
+    _, raw_costs, stream_costs, metrics = rectified_pid_run
+    assert len(raw_costs) == len(stream_costs) == ROLLOUTS
+    for raw, streamed in zip(raw_costs, stream_costs):
+        assert torch.allclose(streamed, (raw - RECTIFIED_LIMIT).clamp(min=0))
+    everything = torch.cat(raw_costs)
+    assert (everything > RECTIFIED_LIMIT).any() and (everything < RECTIFIED_LIMIT).any()  # both sides of d occur
+    # the violation that moves λ is the window's mean rectified cost (not its mean cost minus d)
+    for k, row in enumerate(metrics):
+        window = torch.cat(raw_costs[: k + 1])
+        assert row["lagrange/violation"] == pytest.approx((window - RECTIFIED_LIMIT).clamp(min=0).mean().item(), rel=1e-5)
+        assert row["objective/episode_cost"] == pytest.approx(window.mean().item(), rel=1e-5)
+
+
+def test_pid_lambda_follows_the_recurrence_once_per_update_step(rectified_pid_run):
+    result, _, _, metrics = rectified_pid_run
+    lam, integral, previous = LAMBDA_INIT, LAMBDA_INIT / PID["ki"], None
+    for row in metrics:
+        g = row["lagrange/violation"]
+        for _ in range(UPDATES_PER_ROLLOUT):  # the window, and so g, changes once per rollout
+            previous = g if previous is None else previous
+            lam, integral = ppo.pid_lagrange_multiplier(g, previous, integral, PID["kp"], PID["ki"], PID["kd"], LAMBDA_MAX)
+            previous = g
+        assert row["lagrange/lambda"] == pytest.approx(lam, rel=1e-5), row["rollout"]
+    assert lam != LAMBDA_INIT and result["lambda"] == pytest.approx(lam, rel=1e-5)
