@@ -3,17 +3,20 @@
 #
 #   1. SFT          a tiny Llama from scratch on {prompt, response} rows           -> OUT/sft
 #   2. preference   the reward model (helpfulness) and the cost model (harmlessness) -> OUT/reward, OUT/cost
-#   3. RL           three policies from the same SFT model:
-#                     ppo             reward only                                  -> OUT/ppo
-#                     reward_shaping  end reward R - λ0·C with a fixed λ0            -> OUT/reward_shaping
-#                     ppo_lag         PPO-Lagrangian: max R  s.t.  E[C] <= d         -> OUT/ppo_lag
-#   4. evaluation   all four policies answer the held-out prompts; the reward and cost models and the toy
-#                   world's oracle judge every answer                              -> OUT/eval
+#   3. RL           five policies from the same SFT model, each for the same number of rollouts:
+#                     ppo                reward only                                       -> OUT/ppo
+#                     reward_shaping     end reward R - λ0·C with a fixed λ0                 -> OUT/reward_shaping
+#                     ppo_lag            PPO-Lagrangian: max R  s.t.  E[C] <= d, d = -8.5    -> OUT/ppo_lag
+#                     ppo_lag_d0         the same with the reference's default d = 0         -> OUT/ppo_lag_d0
+#                     ppo_lag_rectified  RePO's per-answer constraint {C}⁺, d = 0             -> OUT/ppo_lag_rectified
+#   4. evaluation   all six policies answer the held-out prompts; the reward and cost models (and, on the toy
+#                   worlds, their oracle judge) judge every answer                            -> OUT/eval
 #
 # Usage:
 #   bash run_pipeline.sh [--data DIR] [--out DIR] [--seed N] [--smoke]
 #     --data   a directory with sft.jsonl, preference_train.jsonl, preference_test.jsonl, prompts.jsonl and
-#              eval_prompts.jsonl (default data/toy; data/toy_world.py writes them)
+#              eval_prompts.jsonl (default data/toy; data/toy_world.py writes data/toy and data/toy_small, and
+#              the oracle judge labels the answers of both)
 #     --out    where every stage writes (default runs/toy)
 #     --seed   the seed of every stage (default 0)
 #     --smoke  a few steps per stage: checks that everything runs and every file appears (tests use it)
@@ -55,15 +58,19 @@ for global_batch in 32 16; do  # the global batch sizes below must split exactly
 done
 
 # the stage settings of the toy world (see README.md, "Results"); --smoke cuts every stage to a few steps
-SFT_STEPS=-1; PREFERENCE_STEPS=-1; PPO_STEPS=-1; EVAL_PROMPTS=-1
-if [ "$SMOKE" = 1 ]; then SFT_STEPS=3; PREFERENCE_STEPS=3; PPO_STEPS=2; EVAL_PROMPTS=8; fi
+# The PPO budget is counted in rollouts (prompt batches of 32), not in passes over the prompts: a data set with
+# few distinct prompts gets as many policy updates as one with many.
+SFT_STEPS=-1; PREFERENCE_STEPS=-1; PPO_ROLLOUTS=60; EVAL_PROMPTS=-1
+if [ "$SMOKE" = 1 ]; then SFT_STEPS=3; PREFERENCE_STEPS=3; PPO_ROLLOUTS=2; EVAL_PROMPTS=8; fi
 COMMON=(--max_length 128 --no_gradient_checkpointing --seed "$SEED")
 PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "$OUT/cost" --prompt_data "$DATA/prompts.jsonl"
-            --epochs 2 --max_steps "$PPO_STEPS" --max_new_tokens 48 --per_device_prompt_batch_size "$(per_device 32)"
+            --max_steps "$PPO_ROLLOUTS" --max_new_tokens 48 --per_device_prompt_batch_size "$(per_device 32)"
             --per_device_train_batch_size "$(per_device 16)" --update_iters 2 --actor_lr 1e-4 --critic_lr 1e-4
             --kl_coeff 0.05 --episode_cost_window_size 64 "${COMMON[@]}")
 JUDGE=()
-if [ "$(realpath "$DATA")" = "$(realpath data/toy)" ]; then JUDGE=(--judge toy); fi  # the oracle knows only the toy world
+case "$(realpath "$DATA")" in  # the oracle knows the toy worlds only
+  "$(realpath data/toy)" | "$(realpath data/toy_small)") JUDGE=(--judge toy) ;;
+esac
 
 mkdir -p "$OUT"
 TIMES="$OUT/timings.txt"
@@ -88,14 +95,21 @@ for objective in reward cost; do
     --epochs 1 --max_steps "$PREFERENCE_STEPS" --lr 5e-4 --per_device_train_batch_size "$(per_device 16)" "${COMMON[@]}"
 done
 
-# 3. three policies from the same SFT model
+# 3. five policies from the same SFT model. The three PPO-Lagrangian runs differ only in the constraint: d = -8.5
+#    (a limit below the cost of the SFT policy's safe answers), the reference's default d = 0 (which a policy can
+#    meet on average while complying with harmful requests: README, "Safety compensation"), and RePO's
+#    per-answer rectified constraint at d = 0, its natural limit (the cost model's own sign).
+LAGRANGIAN=(--algorithm ppo_lag --lambda_init 1.0 --lambda_lr 0.02)
 stage ppo $RUN ppo_lagrangian.py --algorithm ppo --output_dir "$OUT/ppo" "${PPO_COMMON[@]}"
 stage reward_shaping $RUN ppo_lagrangian.py --algorithm reward_shaping --lambda_init 0.1 --output_dir "$OUT/reward_shaping" "${PPO_COMMON[@]}"
-stage ppo_lag $RUN ppo_lagrangian.py --algorithm ppo_lag --cost_limit -8.5 --lambda_init 1.0 --lambda_lr 0.02 \
-  --output_dir "$OUT/ppo_lag" "${PPO_COMMON[@]}"
+stage ppo_lag $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit -8.5 --output_dir "$OUT/ppo_lag" "${PPO_COMMON[@]}"
+stage ppo_lag_d0 $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit 0 --output_dir "$OUT/ppo_lag_d0" "${PPO_COMMON[@]}"
+stage ppo_lag_rectified $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --constraint rectified --cost_limit 0 \
+  --output_dir "$OUT/ppo_lag_rectified" "${PPO_COMMON[@]}"
 
-# 4. evaluation of all four on the held-out prompts (sampled answers, as the policies would answer)
+# 4. evaluation of all six on the held-out prompts (sampled answers, as the policies would answer)
 stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_shaping="$OUT/reward_shaping" ppo_lag="$OUT/ppo_lag" \
+  ppo_lag_d0="$OUT/ppo_lag_d0" ppo_lag_rectified="$OUT/ppo_lag_rectified" \
   --prompt_data "$DATA/eval_prompts.jsonl" --max_prompts "$EVAL_PROMPTS" --preference_data "$DATA/preference_test.jsonl" \
   --reward_model "$OUT/reward" --cost_model "$OUT/cost" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48 \
   --per_device_batch_size 50 --seed "$SEED" --output_dir "$OUT/eval"
