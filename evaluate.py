@@ -136,6 +136,8 @@ def policy_summary(records):
         summary["oracle_helpful_rate"] = mean([float(r["oracle_helpful"]) for r in records])
         # does the cost model's verdict (C > 0) agree with the truth (the answer gives harmful steps)?
         summary["cost_oracle_agreement"] = mean([float((r["cost"] > 0) == r["oracle_harmful"]) for r in records])
+        if records[0].get("oracle_archetype") is not None:  # an annotator that names archetypes (the toy oracle): garbled answers
+            summary["oracle_other_rate"] = mean([float(r["oracle_archetype"] == "other") for r in records])
     return summary
 
 
@@ -394,7 +396,8 @@ def main():
         prompt_rows = [row for row in prompt_rows for _ in range(args.samples_per_prompt)]  # a prompt's samples side by side
         if not prompt_rows:
             raise InputError(f"{args.prompt_data}: no prompt left to answer ({skipped_long} not shorter than --max_length {args.max_length})")
-        split_by_kind = all(isinstance(row.get("harmful"), bool) for row in prompt_rows)  # report harmful/benign apart
+        # report harmful and benign prompts apart when every row says which it is and both kinds are there
+        split_by_kind = all(isinstance(row.get("harmful"), bool) for row in prompt_rows) and len({row["harmful"] for row in prompt_rows}) == 2
         if args.fsdp and len(prompt_rows) < args.world_size:  # under FSDP every rank must take part in every model's first forward
             raise InputError(f"{args.prompt_data}: {len(prompt_rows)} prompts, fewer than the {args.world_size} ranks; run with fewer processes or without --fsdp")
     pairs = {}

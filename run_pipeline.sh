@@ -13,12 +13,21 @@
 #                   worlds, their oracle judge) judge every answer                            -> OUT/eval
 #
 # Usage:
-#   bash run_pipeline.sh [--data DIR] [--out DIR] [--seed N] [--smoke]
+#   bash run_pipeline.sh [--data DIR] [--out DIR] [--seed N] [--judge toy|FILE.py|none] [--rounds N] [--smoke]
 #     --data   a directory with sft.jsonl, preference_train.jsonl, preference_test.jsonl, prompts.jsonl and
 #              eval_prompts.jsonl (default data/toy; data/toy_world.py writes data/toy and data/toy_small, and
 #              the oracle judge labels the answers of both)
 #     --out    where every stage writes (default runs/toy)
 #     --seed   the seed of every stage (default 0)
+#     --judge  the annotator (README, "Plugging in your own annotator"): toy (the toy worlds' oracle), FILE.py, or
+#              none; default toy on data/toy and data/toy_small, none elsewhere. It labels every evaluated answer,
+#              and with --rounds 2+ it labels the new preference pairs.
+#     --rounds the paper's rounds of Safe RLHF (§4, v1 -> v3; default 1). Round 1 is steps 1-4 into OUT/. Each
+#              later round K writes OUT/round-K/: the previous round's ppo_lag answers fresh prompts (and the red-team
+#              prompts of DIR/redteam_prompts.jsonl, if there is one) twice each, the judge labels the two answers
+#              into a PKU-SafeRLHF pair, new reward and cost models learn from the SFT model on every pair so far,
+#              and ppo_lag starts again from the previous policy, which is also its reference. OUT/rounds/ compares
+#              SFT and every round's ppo_lag on the held-out prompts (and DIR/redteam_eval_prompts.jsonl).
 #     --smoke  a few steps per stage: checks that everything runs and every file appears (tests use it)
 #
 # Every stage runs under torchrun with one process per GPU, or one process on a CPU-only machine. The global
@@ -30,15 +39,32 @@ DATA=data/toy
 OUT=runs/toy
 SEED=0
 SMOKE=0
+ROUNDS=1
+JUDGE_SPEC=default
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
-    *) echo "error: unknown argument '$1' (expected --data DIR, --out DIR, --seed N or --smoke)" >&2; exit 1 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --judge) JUDGE_SPEC=$2; shift 2 ;;
+    *) echo "error: unknown argument '$1' (expected --data DIR, --out DIR, --seed N, --judge SPEC, --rounds N or --smoke)" >&2; exit 1 ;;
   esac
 done
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --rounds $ROUNDS: must be a whole number, at least 1" >&2; exit 1; }
+if [ "$JUDGE_SPEC" = default ]; then
+  JUDGE_SPEC=none
+  case "$(realpath "$DATA")" in  # the oracle knows the toy worlds only
+    "$(realpath data/toy)" | "$(realpath data/toy_small)") JUDGE_SPEC=toy ;;
+  esac
+fi
+if [ "$JUDGE_SPEC" != none ] && [ "$JUDGE_SPEC" != toy ] && [ ! -f "$JUDGE_SPEC" ]; then
+  echo "error: --judge $JUDGE_SPEC: no such file (expected toy, none or a Python file defining judge(prompt, answer))" >&2; exit 1
+fi
+if (( ROUNDS > 1 )) && [ "$JUDGE_SPEC" = none ]; then
+  echo "error: --rounds $ROUNDS: every round after the first labels new answers with a judge; give --judge toy|FILE.py" >&2; exit 1
+fi
 for file in sft.jsonl preference_train.jsonl preference_test.jsonl prompts.jsonl eval_prompts.jsonl; do
   [ -f "$DATA/$file" ] || { echo "error: $DATA/$file: no such file (run python data/toy_world.py, or give --data DIR)" >&2; exit 1; }
 done
@@ -68,9 +94,9 @@ PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "
             --per_device_train_batch_size "$(per_device 16)" --update_iters 2 --actor_lr 1e-4 --critic_lr 1e-4
             --kl_coeff 0.05 --episode_cost_window_size 64 "${COMMON[@]}")
 JUDGE=()
-case "$(realpath "$DATA")" in  # the oracle knows the toy worlds only
-  "$(realpath data/toy)" | "$(realpath data/toy_small)") JUDGE=(--judge toy) ;;
-esac
+if [ "$JUDGE_SPEC" != none ]; then JUDGE=(--judge "$JUDGE_SPEC"); fi
+LABEL_PROMPTS=250  # fresh PPO-prompt rows per later round (round K answers rows (K-2)*250+1 .. (K-1)*250)
+if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; fi
 
 mkdir -p "$OUT"
 TIMES="$OUT/timings.txt"
@@ -89,10 +115,11 @@ stage sft $RUN sft.py --model_name_or_path data/tiny-llama --from_scratch --trai
   --per_device_train_batch_size "$(per_device 32)" --gradient_accumulation_steps 1 "${COMMON[@]}"
 
 # 2. the reward model and the cost model, both from the SFT model
+PREFERENCE=(--model_name_or_path "$OUT/sft" --eval_data "$DATA/preference_test.jsonl" --epochs 1 --max_steps "$PREFERENCE_STEPS"
+            --lr 5e-4 --per_device_train_batch_size "$(per_device 16)" "${COMMON[@]}")
 for objective in reward cost; do
-  stage "$objective" $RUN preference_model.py --objective "$objective" --model_name_or_path "$OUT/sft" \
-    --train_data "$DATA/preference_train.jsonl" --eval_data "$DATA/preference_test.jsonl" --output_dir "$OUT/$objective" \
-    --epochs 1 --max_steps "$PREFERENCE_STEPS" --lr 5e-4 --per_device_train_batch_size "$(per_device 16)" "${COMMON[@]}"
+  stage "$objective" $RUN preference_model.py --objective "$objective" --train_data "$DATA/preference_train.jsonl" \
+    --output_dir "$OUT/$objective" "${PREFERENCE[@]}"
 done
 
 # 3. five policies from the same SFT model. The three PPO-Lagrangian runs differ only in the constraint: d = -8.5
@@ -108,11 +135,81 @@ stage ppo_lag_rectified $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --constraint r
   --output_dir "$OUT/ppo_lag_rectified" "${PPO_COMMON[@]}"
 
 # 4. evaluation of all six on the held-out prompts (sampled answers, as the policies would answer)
+EVALUATE=(--max_prompts "$EVAL_PROMPTS" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48 --per_device_batch_size 50 --seed "$SEED")
 stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_shaping="$OUT/reward_shaping" ppo_lag="$OUT/ppo_lag" \
   ppo_lag_d0="$OUT/ppo_lag_d0" ppo_lag_rectified="$OUT/ppo_lag_rectified" \
-  --prompt_data "$DATA/eval_prompts.jsonl" --max_prompts "$EVAL_PROMPTS" --preference_data "$DATA/preference_test.jsonl" \
-  --reward_model "$OUT/reward" --cost_model "$OUT/cost" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48 \
-  --per_device_batch_size 50 --seed "$SEED" --output_dir "$OUT/eval"
+  --prompt_data "$DATA/eval_prompts.jsonl" --preference_data "$DATA/preference_test.jsonl" \
+  --reward_model "$OUT/reward" --cost_model "$OUT/cost" --output_dir "$OUT/eval" "${EVALUATE[@]}"
+
+# 5. rounds 2..N (the paper's Safe RLHF-v2, -v3): new answers from the current policy, labelled by the judge, new
+#    reward and cost models on every pair so far, and PPO-Lagrangian again from the current policy
+POLICY="$OUT/ppo_lag"; TRAIN="$DATA/preference_train.jsonl"; ROUND_POLICIES=(round-1="$OUT/ppo_lag")
+for (( K = 2; K <= ROUNDS; K++ )); do
+  R="$OUT/round-$K"
+  mkdir -p "$R"
+  { sed -n "$(( (K - 2) * LABEL_PROMPTS + 1 )),$(( (K - 1) * LABEL_PROMPTS ))p" "$DATA/prompts.jsonl"
+    if [ -f "$DATA/redteam_prompts.jsonl" ]; then cat "$DATA/redteam_prompts.jsonl"; fi; } > "$R/label_prompts.jsonl"
+  PREVIOUS_MODELS=(--reward_model "$(dirname "$POLICY")/reward" --cost_model "$(dirname "$POLICY")/cost")
+  stage "round-$K/label" $RUN evaluate.py --policy current="$POLICY" --prompt_data "$R/label_prompts.jsonl" --samples_per_prompt 2 \
+    "${PREVIOUS_MODELS[@]}" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48 --per_device_batch_size 50 \
+    --seed "$(( SEED + K ))" --output_dir "$R/label"
+  cat "$TRAIN" "$R/label/labelled_pairs.jsonl" > "$R/preference_train.jsonl"  # every pair so far
+  TRAIN="$R/preference_train.jsonl"
+  for objective in reward cost; do
+    stage "round-$K/$objective" $RUN preference_model.py --objective "$objective" --train_data "$TRAIN" --output_dir "$R/$objective" "${PREFERENCE[@]}"
+  done
+  stage "round-$K/ppo_lag" $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit -8.5 --output_dir "$R/ppo_lag" \
+    "${PPO_COMMON[@]}" --actor_model "$POLICY" --reward_model "$R/reward" --cost_model "$R/cost"
+  stage "round-$K/evaluate" $RUN evaluate.py --policy round-$K="$R/ppo_lag" --prompt_data "$DATA/eval_prompts.jsonl" \
+    --reward_model "$R/reward" --cost_model "$R/cost" --output_dir "$R/eval" "${EVALUATE[@]}"
+  POLICY="$R/ppo_lag"; ROUND_POLICIES+=(round-$K="$POLICY")
+done
+
+# 6. the rounds side by side: SFT and every round's ppo_lag answer the held-out prompts (and the held-out red-team
+#    prompts), scored by the last round's models; the last policy's answers again under the round-1 models
+if (( ROUNDS > 1 )); then
+  LAST="$(dirname "$POLICY")"
+  stage rounds/evaluate $RUN evaluate.py --policy sft="$OUT/sft" "${ROUND_POLICIES[@]}" --prompt_data "$DATA/eval_prompts.jsonl" \
+    --reward_model "$LAST/reward" --cost_model "$LAST/cost" --output_dir "$OUT/rounds/eval" "${EVALUATE[@]}"
+  if [ -f "$DATA/redteam_eval_prompts.jsonl" ]; then
+    stage rounds/redteam $RUN evaluate.py --policy sft="$OUT/sft" "${ROUND_POLICIES[@]}" --prompt_data "$DATA/redteam_eval_prompts.jsonl" \
+      --reward_model "$LAST/reward" --cost_model "$LAST/cost" --output_dir "$OUT/rounds/redteam" "${EVALUATE[@]}"
+  fi
+  stage rounds/round-1_models $RUN evaluate.py --policy "${ROUND_POLICIES[-1]}" --prompt_data "$DATA/eval_prompts.jsonl" \
+    --reward_model "$OUT/reward" --cost_model "$OUT/cost" --output_dir "$OUT/rounds/round-1_models" "${EVALUATE[@]}"
+  python - "$OUT" "$ROUNDS" <<'PYTHON'
+# The table and the plot of the rounds: OUT/rounds/report.md and OUT/rounds/rounds.png
+import json, sys
+from pathlib import Path
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out, rounds = Path(sys.argv[1]), int(sys.argv[2])
+load = lambda path: json.loads((out / path / "results.json").read_text())["policies"] if (out / path / "results.json").is_file() else None
+evaluated, redteam, round_1_models = load("rounds/eval"), load("rounds/redteam"), load("rounds/round-1_models")
+names = ["sft"] + [f"round-{k}" for k in range(1, rounds + 1)]
+own = {"round-1": load("eval")["ppo_lag"], **{f"round-{k}": load(f"round-{k}/eval")[f"round-{k}"] for k in range(2, rounds + 1)}}
+pct = lambda value: "–" if value is None else f"{100 * value:.1f}%"
+rows = {"harmful answers to harmful prompts": [evaluated[n]["harmful_prompts"].get("oracle_harmful_rate") for n in names],
+        "harmful answers to held-out red-team prompts": [redteam[n]["all"].get("oracle_harmful_rate") if redteam else None for n in names],
+        "helpful answers to benign prompts": [evaluated[n]["benign_prompts"].get("oracle_helpful_rate") for n in names],
+        "garbled answers (the oracle's 'other')": [evaluated[n]["all"].get("oracle_other_rate") for n in names],
+        "this round's cost model agrees with the judge on this round's answers": [None] + [own[n]["all"].get("cost_oracle_agreement") for n in names[1:]],
+        "the round-1 cost model agrees with the judge on the same answers": [None] * rounds + [round_1_models[names[-1]]["all"].get("cost_oracle_agreement")]}
+table = ["| (by the judge, held-out prompts) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+table += [f"| {label} | " + " | ".join(pct(v) for v in values) + " |" for label, values in rows.items()]
+(out / "rounds" / "report.md").write_text("## Safe RLHF rounds\n\n" + "\n".join(table) + "\n")
+print("\n".join(table))
+figure, axis = plt.subplots(figsize=(8, 4.5))
+for label, values in list(rows.items())[:4]:
+    if any(v is not None for v in values):
+        axis.plot(names, [100 * v if v is not None else float("nan") for v in values], marker="o", label=label)
+axis.set(ylabel="% of answers (judge)", title="Safe RLHF, round after round", ylim=(-2, 102))
+axis.legend(fontsize=8)
+figure.tight_layout()
+figure.savefig(out / "rounds" / "rounds.png", dpi=120)
+PYTHON
+fi
 
 cp "$OUT/eval/training_curves.png" "$OUT/training_curves.png"
 echo

@@ -19,6 +19,7 @@ SMALL_DIR = ROOT / "data" / "toy_small"
 MODEL_DIR = ROOT / "data" / "tiny-llama"
 SP_MODEL_DIR = ROOT / "data" / "tiny-llama-sp"
 FILES = ("sft.jsonl", "preference_train.jsonl", "preference_test.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
+REDTEAM_FILES = ("redteam_prompts.jsonl", "redteam_eval_prompts.jsonl")
 PREFERENCE_KEYS = ["prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                    "is_response_0_safe", "is_response_1_safe"]
 PROMPT_KEYS = ["prompt", "harmful", "category"]
@@ -95,6 +96,26 @@ def test_schema_and_sizes(world):
         harmful_share = sum(tw.judge(row["prompt"], "")["harmful_prompt"] for row in data[name]) / len(data[name])
         assert abs(harmful_share - spec.harmful_fraction) < 0.01, (name, harmful_share)
     assert {tw.prompt_task(row["prompt"]) for name in FILES for row in data[name]} == set(spec.tasks)
+
+
+@both_worlds
+def test_red_team_prompts_ask_every_harmful_task_in_phrasings_no_other_file_uses(world):
+    data, spec = committed(world), tw.WORLDS[world]
+    folder = ROOT / "data" / spec.folder
+    redteam, held_out = (read_jsonl(folder / name) for name in REDTEAM_FILES)
+    harmful_tasks = {task for task, (harmful, _, _) in spec.tasks.items() if harmful}
+    for rows, phrasings in ((redteam, tw.REDTEAM_PHRASINGS[: -tw.REDTEAM_HELD_OUT]), (held_out, tw.REDTEAM_PHRASINGS[-tw.REDTEAM_HELD_OUT :])):
+        assert len(rows) == len(harmful_tasks) * len(phrasings)
+        for row in rows:
+            verdict = tw.judge(row["prompt"], "")
+            assert list(row) == PROMPT_KEYS and row["harmful"] is True and verdict["harmful_prompt"] is True
+            assert verdict["category"] == row["category"] and verdict["task"] in harmful_tasks
+        assert {tw.prompt_task(row["prompt"]) for row in rows} == harmful_tasks
+    everywhere_else = {row["prompt"] for name in FILES for row in data[name]}
+    assert not everywhere_else & {row["prompt"] for row in redteam + held_out}
+    assert not {row["prompt"] for row in redteam} & {row["prompt"] for row in held_out}
+    for phrasing in tw.REDTEAM_PHRASINGS:  # a phrasing of the first round's prompts would not be red-teaming
+        assert phrasing not in spec.phrasings and phrasing.split("{task}")[0].strip() not in {p.split("{task}")[0].strip() for p in spec.phrasings}
 
 
 def test_held_out_prompts(data):
@@ -191,7 +212,7 @@ def test_judge_on_every_small_world_answer():
 def test_small_world_regeneration_is_byte_identical(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "data" / "toy_world.py"), "--world", "small", "--out_dir", str(tmp_path)],
                    check=True, capture_output=True)
-    for name in FILES:
+    for name in FILES + REDTEAM_FILES:
         assert (tmp_path / "toy_small" / name).read_bytes() == (SMALL_DIR / name).read_bytes(), name
     assert not (tmp_path / "toy").exists() and not (tmp_path / "tiny-llama").exists()  # it writes its world only
 
@@ -257,7 +278,7 @@ def test_sft_mixture(world):
 def test_regeneration_is_byte_identical(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "data" / "toy_world.py"), "--out_dir", str(tmp_path)],
                    check=True, capture_output=True)
-    for name in FILES:
+    for name in FILES + REDTEAM_FILES:
         assert (tmp_path / "toy" / name).read_bytes() == (TOY_DIR / name).read_bytes(), name
     for model_dir in (MODEL_DIR, SP_MODEL_DIR):
         for name in ("tokenizer.json", "tokenizer_config.json"):
