@@ -53,10 +53,7 @@ def run_pid(out, extra):
         for key, value in args.items():
             if key in skip or value is None:
                 continue
-            if isinstance(value, bool):
-                command.append(f"--{key}" if value else f"--no_{key}")
-            else:
-                command += [f"--{key}", str(value)]
+            command += [f"--{key}", str(value)]  # (booleans as --flag True/False, which HfArgumentParser reads)
         subprocess.run(command + extra, cwd=REPO, check=True)
     evaluation = out / "eval_pid"
     if not (evaluation / "results.json").is_file():
