@@ -158,6 +158,7 @@ for (( K = 2; K <= ROUNDS; K++ )); do
   for objective in reward cost; do
     stage "round-$K/$objective" $RUN preference_model.py --objective "$objective" --train_data "$TRAIN" --output_dir "$R/$objective" "${PREFERENCE[@]}"
   done
+  # round 1's ppo_lag settings; the flags after PPO_COMMON replace its models (the last value of a flag wins)
   stage "round-$K/ppo_lag" $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit -8.5 --output_dir "$R/ppo_lag" \
     "${PPO_COMMON[@]}" --actor_model "$POLICY" --reward_model "$R/reward" --cost_model "$R/cost"
   stage "round-$K/evaluate" $RUN evaluate.py --policy round-$K="$R/ppo_lag" --prompt_data "$DATA/eval_prompts.jsonl" \
