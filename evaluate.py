@@ -82,6 +82,7 @@ class Args:
     prompt_split: str = field(default="test", metadata={"help": "split of a hub prompt data set"})
     max_prompts: int = field(default=-1, metadata={"help": "answer only the first N distinct prompts (-1: all)"})
     samples_per_prompt: int = field(default=1, metadata={"help": "answers per prompt and policy; with 2+ and --judge, consecutive pairs of answers are labelled into PKU-SafeRLHF rows (labelled_pairs.jsonl)"})
+    keep_pairs: str = field(default="all", metadata={"help": "which labelled pairs to write: all, or failed: only those with a harmful answer (prompts the policy fails on: red-teaming)", "choices": ["all", "failed"]})
     preference_data: str = field(default="", metadata={"help": "held-out PKU-SafeRLHF-format pairs for the score-model job ('' to skip it)"})
     preference_split: str = field(default="test", metadata={"help": "split of a hub preference data set"})
     reward_model: str = field(default="", metadata={"help": "the reward model (preference_model.py --objective reward)"})
@@ -504,6 +505,10 @@ def main():
                     labelled = [labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin) for a, b in pairs_of_answers]
                     labelled_rows = [row for row in labelled if row is not None]
                     results["labelled_pairs"] = {"pairs": len(labelled), "written": len(labelled_rows), "dropped_no_preference": len(labelled) - len(labelled_rows)}
+                    if args.keep_pairs == "failed":  # red-teaming: only the prompts the policy answered harmfully add data
+                        failed = [row for row in labelled_rows if not (row["is_response_0_safe"] and row["is_response_1_safe"])]
+                        results["labelled_pairs"].update(written=len(failed), dropped_both_safe=len(labelled_rows) - len(failed))
+                        labelled_rows = failed
             results.update(prompt_data=args.prompt_data, prompts=len(prompt_rows) // args.samples_per_prompt,
                            samples_per_prompt=args.samples_per_prompt, greedy=args.greedy, policies={})
             for name, answers in records.items():

@@ -147,13 +147,20 @@ POLICY="$OUT/ppo_lag"; TRAIN="$DATA/preference_train.jsonl"; ROUND_POLICIES=(rou
 for (( K = 2; K <= ROUNDS; K++ )); do
   R="$OUT/round-$K"
   mkdir -p "$R"
-  { sed -n "$(( (K - 2) * LABEL_PROMPTS + 1 )),$(( (K - 1) * LABEL_PROMPTS ))p" "$DATA/prompts.jsonl"
-    if [ -f "$DATA/redteam_prompts.jsonl" ]; then cat "$DATA/redteam_prompts.jsonl"; fi; } > "$R/label_prompts.jsonl"
-  PREVIOUS_MODELS=(--reward_model "$(dirname "$POLICY")/reward" --cost_model "$(dirname "$POLICY")/cost")
-  stage "round-$K/label" $RUN evaluate.py --policy current="$POLICY" --prompt_data "$R/label_prompts.jsonl" --samples_per_prompt 2 \
-    "${PREVIOUS_MODELS[@]}" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48 --per_device_batch_size 50 \
-    --seed "$(( SEED + K ))" --output_dir "$R/label"
-  cat "$TRAIN" "$R/label/labelled_pairs.jsonl" > "$R/preference_train.jsonl"  # every pair so far
+  # new answers from the current policy, two per prompt, labelled by the judge (scores by the previous round's models)
+  LABEL=(--policy current="$POLICY" --samples_per_prompt 2 --reward_model "$(dirname "$POLICY")/reward"
+         --cost_model "$(dirname "$POLICY")/cost" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48
+         --per_device_batch_size 50 --seed "$(( SEED + K ))")
+  sed -n "$(( (K - 2) * LABEL_PROMPTS + 1 )),$(( (K - 1) * LABEL_PROMPTS ))p" "$DATA/prompts.jsonl" > "$R/label_prompts.jsonl"
+  stage "round-$K/label" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$R/label_prompts.jsonl" --output_dir "$R/label"
+  NEW_PAIRS=("$R/label/labelled_pairs.jsonl")
+  # red-team prompts: only the pairs of those the current policy fails on (at least one of its answers harmful)
+  if [ -f "$DATA/redteam_prompts.jsonl" ]; then
+    stage "round-$K/redteam" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$DATA/redteam_prompts.jsonl" --keep_pairs failed \
+      --output_dir "$R/redteam"
+    NEW_PAIRS+=("$R/redteam/labelled_pairs.jsonl")
+  fi
+  cat "$TRAIN" "${NEW_PAIRS[@]}" > "$R/preference_train.jsonl"  # every pair so far
   TRAIN="$R/preference_train.jsonl"
   for objective in reward cost; do
     stage "round-$K/$objective" $RUN preference_model.py --objective "$objective" --train_data "$TRAIN" --output_dir "$R/$objective" "${PREFERENCE[@]}"
@@ -199,6 +206,19 @@ rows = {"harmful answers to harmful prompts": [evaluated[n]["harmful_prompts"].g
         "the round-1 cost model agrees with the judge on the same answers": [None] * rounds + [round_1_models[names[-1]]["all"].get("cost_oracle_agreement")]}
 table = ["| (by the judge, held-out prompts) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 table += [f"| {label} | " + " | ".join(pct(v) for v in values) + " |" for label, values in rows.items()]
+lines = lambda path: (out / path).read_text().splitlines() if (out / path).is_file() else None
+def failed_prompts(k):  # "F of N": red-team prompts the round-k policy answered harmfully at least once, of all
+    answers = lines(f"round-{k}/redteam/answers.jsonl")
+    if answers is None:
+        return None
+    records = [json.loads(line) for line in answers]
+    return f"{len({r['prompt'] for r in records if r['oracle_harmful']})} of {len({r['prompt'] for r in records})}"
+count = lambda path: None if lines(path) is None else len(lines(path))
+added = {"pairs from fresh prompts (labelled by the judge)": [count(f"round-{k}/label/labelled_pairs.jsonl") for k in range(2, rounds + 1)],
+         "red-team prompts the current policy answered harmfully": [failed_prompts(k) for k in range(2, rounds + 1)],
+         "pairs from those red-team prompts (added)": [count(f"round-{k}/redteam/labelled_pairs.jsonl") for k in range(2, rounds + 1)]}
+table += ["", "| new preference pairs | " + " | ".join(names[2:]) + " |", "|---" * rounds + "|"]
+table += [f"| {label} | " + " | ".join("–" if v is None else str(v) for v in values) + " |" for label, values in added.items()]
 (out / "rounds" / "report.md").write_text("## Safe RLHF rounds\n\n" + "\n".join(table) + "\n")
 print("\n".join(table))
 figure, axis = plt.subplots(figsize=(8, 4.5))

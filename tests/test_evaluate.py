@@ -221,6 +221,17 @@ def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sft_checkpoint, p
             assert row["better_response_id"] == (0 if a["oracle_helpful"] else 1)
     for objective in ("reward", "cost"):  # the rows read back as training pairs
         assert len(ev.preference_pairs(rows, "labelled_pairs.jsonl", objective)) == len(rows)
+    # --keep_pairs failed (red-teaming): the same answers, and only the pairs with at least one harmful answer
+    run_script("evaluate.py", "--policy", f"sft={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl", "--reward_model",
+               preference_models / "reward", "--cost_model", preference_models / "cost", "--judge", tmp_path / "my_judge.py",
+               "--max_prompts", 8, "--samples_per_prompt", 2, "--max_new_tokens", 24, "--max_length", 128, "--keep_pairs", "failed",
+               "--output_dir", tmp_path / "failed")
+    assert (tmp_path / "failed" / "answers.jsonl").read_text() == (tmp_path / "out" / "answers.jsonl").read_text()
+    failed = [json.loads(line) for line in (tmp_path / "failed" / "labelled_pairs.jsonl").read_text().splitlines()]
+    expected = [row for row in rows if not (row["is_response_0_safe"] and row["is_response_1_safe"])]
+    assert failed == expected and 0 < len(expected) < len(rows), "the judge should give both kinds of pairs here"
+    assert json.loads((tmp_path / "failed" / "results.json").read_text())["labelled_pairs"] == {
+        "pairs": 8, "written": len(expected), "dropped_no_preference": 8 - len(kept), "dropped_both_safe": len(rows) - len(expected)}
 
 
 def test_labelled_pair_rule_by_hand():

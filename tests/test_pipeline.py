@@ -57,21 +57,27 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
 def test_a_second_round_runs_every_stage_and_writes_every_file(smoke_runs):
     out, result = smoke_runs["toy"]
     stages = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
-    assert stages[9:] == ["round-2/label", "round-2/reward", "round-2/cost", "round-2/ppo_lag", "round-2/evaluate",
+    assert stages[9:] == ["round-2/label", "round-2/redteam", "round-2/reward", "round-2/cost", "round-2/ppo_lag", "round-2/evaluate",
                           "rounds/evaluate", "rounds/redteam", "rounds/round-1_models"]
     round_2 = out / "round-2"
-    # new answers from round 1's policy to fresh prompts and the red-team prompts, two per prompt, labelled by the judge
-    label_prompts = [json.loads(line)["prompt"] for line in (round_2 / "label_prompts.jsonl").read_text().splitlines()]
-    redteam = [json.loads(line)["prompt"] for line in (REPO / "data" / "toy" / "redteam_prompts.jsonl").read_text().splitlines()]
-    assert label_prompts[8:] == redteam and len(label_prompts) == 8 + len(redteam)
+    # new answers from round 1's policy to fresh prompts (the next rows of prompts.jsonl) and to the red-team prompts,
+    # two per prompt, labelled by the judge; of the red-team prompts only those it fails on add pairs
+    prompts = (REPO / "data" / "toy" / "prompts.jsonl").read_text().splitlines()
+    assert (round_2 / "label_prompts.jsonl").read_text().splitlines() == prompts[:8]
     label_args = json.loads((round_2 / "label" / "args.json").read_text())
     assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 2 and label_args["judge"] == "toy"
+    redteam_args = json.loads((round_2 / "redteam" / "args.json").read_text())
+    assert redteam_args["prompt_data"] == "data/toy/redteam_prompts.jsonl" and redteam_args["keep_pairs"] == "failed"
+    assert {k: v for k, v in redteam_args.items() if k not in ("prompt_data", "keep_pairs", "output_dir")} == \
+           {k: v for k, v in label_args.items() if k not in ("prompt_data", "keep_pairs", "output_dir")}
     labelled = json.loads((round_2 / "label" / "results.json").read_text())["labelled_pairs"]
     new_rows = (round_2 / "label" / "labelled_pairs.jsonl").read_text().splitlines()
-    assert labelled["written"] == len(new_rows) and labelled["pairs"] == labelled["written"] + labelled["dropped_no_preference"] > 0
+    assert labelled["written"] == len(new_rows) and labelled["pairs"] == labelled["written"] + labelled["dropped_no_preference"] == 8
+    redteam_rows = (round_2 / "redteam" / "labelled_pairs.jsonl").read_text().splitlines()
+    assert json.loads((round_2 / "redteam" / "results.json").read_text())["labelled_pairs"]["pairs"] == 200
     # every pair so far: round 1's data and the new pairs; new score models from the SFT model, PPO from round 1's policy
     original = (REPO / "data" / "toy" / "preference_train.jsonl").read_text().splitlines()
-    assert (round_2 / "preference_train.jsonl").read_text().splitlines() == original + new_rows
+    assert (round_2 / "preference_train.jsonl").read_text().splitlines() == original + new_rows + redteam_rows
     for objective in ("reward", "cost"):
         args = json.loads((round_2 / objective / "args.json").read_text())
         assert args["model_name_or_path"] == str(out / "sft") and args["train_data"] == str(round_2 / "preference_train.jsonl")
@@ -84,6 +90,7 @@ def test_a_second_round_runs_every_stage_and_writes_every_file(smoke_runs):
     assert (out / "rounds" / "rounds.png").is_file()
     report = (out / "rounds" / "report.md").read_text()
     assert "| harmful answers to held-out red-team prompts |" in report and report.splitlines()[2] in result.stdout  # and printed
+    assert "| red-team prompts the current policy answered harmfully |" in report
 
 
 def test_bad_round_and_judge_arguments_fail_before_any_stage(tmp_path):
