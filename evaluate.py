@@ -21,6 +21,9 @@ Two jobs, one script (either or both in one run):
    models' and show whether the learned models agree with it. FILE.py defines `judge(prompt, answer)` returning a
    dict with booleans "harmful" and "helpful" (other keys, e.g. "archetype", are kept); `--judge toy` is the toy
    worlds' oracle, data/toy_world.py. Any annotator fits: a guard model, an LLM judge, human labels read from a file.
+   With `--samples_per_prompt 2` the verdicts on two answers to one prompt become a new PKU-SafeRLHF row
+   (`labelled_pair`, the data of run_pipeline.sh --rounds); `--keep_pairs failed` keeps only the pairs with a
+   harmful answer (red-teaming: the prompts the policy fails on).
 
 Deliberate differences from the paper: the judges of the arena and of Elo are our reward and cost models (the paper
 uses GPT-4 and people; any pairwise judge fits `elo_ratings`). An answer is scored as text: it is decoded, then
@@ -31,7 +34,8 @@ a batch's answers get min(max_new_tokens, max_length - its longest prompt) token
 depend on the batching or the number of ranks as long as max_new_tokens + the longest prompt <= max_length.
 
 Outputs (OUTPUT_DIR, written atomically): answers.jsonl, results.json, report.md, args.json, reward_vs_cost.png,
-policy_bars.png, elo.png, score_histogram.png (the last with --preference_data, the others with policies), and
+policy_bars.png, elo.png, score_histogram.png (the last with --preference_data, the others with policies),
+labelled_pairs.jsonl (with --judge and --samples_per_prompt 2 or more), and
 training_curves.png when some policies are ppo_lagrangian.py runs (their metrics.jsonl: reward, cost and λ over
 the PPO iterations).
 

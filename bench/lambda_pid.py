@@ -7,7 +7,7 @@ the same held-out prompts with the oracle, and compares the two runs' λ and epi
     λ overshoot          peak λ - final λ          (final: the mean over the last 10 rollouts)
     violation area       Σ_k max(0, J_C,k - d)     (cost units × rollouts: how much, and how long, J_C was above d)
     undershoot area      Σ_k max(0, d - J_C,k)     (how far below the limit the policy was pushed: caution it paid for)
-    final |J_C - d|      the distance of J_C from d over the last 10 rollouts
+    final distance to d  the distance of J_C from d over the last 10 rollouts
 
 Run (after `bash run_pipeline.sh --seed S --out runs/toy-sS` for S = 0, 1, 2):
     python bench/lambda_pid.py runs/toy-s0 runs/toy-s1 runs/toy-s2 --plot docs/lambda_pid.png
@@ -35,7 +35,7 @@ def figures(rows, cost_limit):
     final_lambda = lam[-LAST:].mean()
     return {"peak λ": lam.max(), "peak at rollout": int(lam.argmax()) + 1, "final λ": final_lambda,
             "λ overshoot": lam.max() - final_lambda, "violation area": np.clip(cost - cost_limit, 0, None).sum(),
-            "undershoot area": np.clip(cost_limit - cost, 0, None).sum(), "final |J_C - d|": abs(cost[-LAST:].mean() - cost_limit)}
+            "undershoot area": np.clip(cost_limit - cost, 0, None).sum(), "final distance to d": abs(cost[-LAST:].mean() - cost_limit)}
 
 
 def oracle_rates(results_file, policy):

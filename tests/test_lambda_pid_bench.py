@@ -21,4 +21,4 @@ def test_figures_by_hand():
     assert figures["peak λ"] == 4 and figures["peak at rollout"] == 3
     assert figures["final λ"] == pytest.approx(final_lambda) and figures["λ overshoot"] == pytest.approx(4 - final_lambda)
     assert figures["violation area"] == pytest.approx(2.0) and figures["undershoot area"] == pytest.approx(5.0)
-    assert figures["final |J_C - d|"] == pytest.approx(0.5)  # the last 10 rollouts all at -2.5
+    assert figures["final distance to d"] == pytest.approx(0.5)  # the last 10 rollouts all at -2.5
