@@ -19,8 +19,9 @@ Two jobs, one script (either or both in one run):
                              wins) and harmlessness (lower C wins), as the paper's two Elo axes (§4.2, Fig. 6)
    With `--judge FILE.py` an annotator labels every answer too, so its harmful and helpful rates stand beside the
    models' and show whether the learned models agree with it. FILE.py defines `judge(prompt, answer)` returning a
-   dict with booleans "harmful" and "helpful" (other keys, e.g. "archetype", are kept); `--judge toy` is the toy
-   worlds' oracle, data/toy_world.py. Any annotator fits: a guard model, an LLM judge, human labels read from a file.
+   dict with booleans "harmful" and "helpful", optionally numbers "helpfulness" and "harmlessness" (grades, higher is
+   better; other keys, e.g. "archetype", are kept); `--judge toy` is the toy worlds' oracle, data/toy_world.py.
+   Any annotator fits: a guard model, an LLM judge, human labels read from a file.
    With `--samples_per_prompt 2` the verdicts on two answers to one prompt become a new PKU-SafeRLHF row
    (`labelled_pair`, the data of run_pipeline.sh --rounds); `--keep_pairs failed` keeps only the pairs with a
    harmful answer (red-teaming: the prompts the policy fails on).
@@ -198,20 +199,27 @@ def elo_ratings(matches, k=4.0, initial=1000.0, rounds=100, seed=0):
 
 
 def labelled_pair(prompt, answer_0, answer_1, verdict_0, verdict_1, coin):
-    """A PKU-SafeRLHF row from two answers to one prompt and the annotator's verdicts ({"harmful", "helpful"}), or
-    None when the annotator prefers neither answer on either axis. The rule:
+    """A PKU-SafeRLHF row from two answers to one prompt and the annotator's verdicts ({"harmful", "helpful"} and,
+    when the annotator grades answers, numbers "helpfulness" and "harmlessness", higher is better), or None when the
+    annotator prefers neither answer on either axis. The rule:
         is_response_i_safe  = not harmful_i
-        safer_response_id   = the safe answer, if exactly one is safe
-        better_response_id  = the helpful answer, if exactly one is helpful
-    A tie on one axis only (both safe or both unsafe; both helpful or both not) is broken by a seeded coin, so that
-    the pair still teaches the other axis; a tie on both axes (identical verdicts) carries no preference: None, as does
-    a pair with an empty answer."""
+        safer_response_id   = the safe answer, if exactly one is safe; else the more harmless one, if graded apart
+        better_response_id  = the helpful answer, if exactly one is helpful; else the more helpful one, if graded apart
+    A tie on one axis only is broken by a seeded coin, so that the pair still teaches the other axis; a tie on both
+    axes carries no preference: None, as does a pair with an empty answer."""
+    def preferred(flags, grades):  # the answer preferred on one axis, or None for a tie
+        if flags[0] != flags[1]:
+            return flags.index(True)
+        if None not in grades and grades[0] != grades[1]:
+            return 0 if grades[0] > grades[1] else 1
+        return None
     safe = (not verdict_0["harmful"], not verdict_1["harmful"])
-    helpful = (verdict_0["helpful"], verdict_1["helpful"])
-    if (safe[0] == safe[1] and helpful[0] == helpful[1]) or not (answer_0.strip() and answer_1.strip()):
+    safer = preferred(safe, (verdict_0.get("harmlessness"), verdict_1.get("harmlessness")))
+    better = preferred((verdict_0["helpful"], verdict_1["helpful"]), (verdict_0.get("helpfulness"), verdict_1.get("helpfulness")))
+    if (safer is None and better is None) or not (answer_0.strip() and answer_1.strip()):
         return None  # (an empty answer is no PKU-SafeRLHF response either)
-    safer = safe.index(True) if safe[0] != safe[1] else coin.randrange(2)
-    better = helpful.index(True) if helpful[0] != helpful[1] else coin.randrange(2)
+    safer = coin.randrange(2) if safer is None else safer
+    better = coin.randrange(2) if better is None else better
     return {"prompt": prompt, "response_0": answer_0, "response_1": answer_1, "is_response_0_safe": safe[0],
             "is_response_1_safe": safe[1], "safer_response_id": safer, "better_response_id": better}
 
@@ -497,15 +505,18 @@ def main():
             if judge:
                 for record in (r for name in records for r in records[name]):
                     verdict = judge(record["prompt"], record["answer"])
-                    if not (isinstance(verdict, dict) and all(isinstance(verdict.get(key), bool) for key in ("harmful", "helpful"))):
-                        raise InputError(f"--judge {args.judge}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans 'harmful' and 'helpful'")
-                    record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict.get("archetype"))
+                    grade_ok = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                    if not (isinstance(verdict, dict) and all(isinstance(verdict.get(key), bool) for key in ("harmful", "helpful"))
+                            and all(grade_ok(verdict.get(key)) for key in ("helpfulness", "harmlessness"))):
+                        raise InputError(f"--judge {args.judge}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans 'harmful' and 'helpful' (and optionally numbers 'helpfulness' and 'harmlessness')")
+                    record.update(oracle_harmful=verdict["harmful"], oracle_helpful=verdict["helpful"], oracle_archetype=verdict.get("archetype"),
+                                  oracle_helpfulness=verdict.get("helpfulness"), oracle_harmlessness=verdict.get("harmlessness"))
                 if args.samples_per_prompt > 1:  # new preference data: answers 2k and 2k+1 to the same prompt, labelled
                     coin = random.Random(args.seed)
                     K = args.samples_per_prompt  # each prompt's K answers lie side by side; an odd K leaves the last one unpaired
                     pairs_of_answers = [(answers[i + j], answers[i + j + 1]) for answers in records.values()
                                         for i in range(0, len(answers), K) for j in range(0, K - 1, 2)]
-                    verdicts = lambda r: {"harmful": r["oracle_harmful"], "helpful": r["oracle_helpful"]}
+                    verdicts = lambda r: {key: r["oracle_" + key] for key in ("harmful", "helpful", "helpfulness", "harmlessness")}
                     labelled = [labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin) for a, b in pairs_of_answers]
                     labelled_rows = [row for row in labelled if row is not None]
                     results["labelled_pairs"] = {"pairs": len(labelled), "written": len(labelled_rows), "dropped_no_preference": len(labelled) - len(labelled_rows)}

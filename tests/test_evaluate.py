@@ -251,6 +251,49 @@ def test_labelled_pair_rule_by_hand():
     assert ev.labelled_pair("p", "", "Here is how", refuse, helpful_safe, coin) is None  # an empty answer is no response
     picks = {ev.labelled_pair("p", "a", "b", refuse, helpful_safe, coin)["safer_response_id"] for _ in range(50)}
     assert picks == {0, 1}  # a fair coin, not a fixed side
+    # graded verdicts break a tie on their axis before any coin: the polite decline beats the garbled answer on both
+    garbled, polite = {**decline, "helpfulness": 0, "harmlessness": 0}, {**decline, "helpfulness": 2, "harmlessness": 2}
+    assert ev.labelled_pair("p", "x, then y", "No, but try this", garbled, polite, NO_COIN) == {
+        "prompt": "p", "response_0": "x, then y", "response_1": "No, but try this", "is_response_0_safe": True,
+        "is_response_1_safe": True, "safer_response_id": 1, "better_response_id": 1}
+    row = ev.labelled_pair("p", "a", "b", {**comply, "helpfulness": 3}, {**comply, "helpfulness": 1}, coin)  # both unsafe
+    assert row["better_response_id"] == 0 and not row["is_response_0_safe"] and not row["is_response_1_safe"]
+    assert ev.labelled_pair("p", "a", "b", polite, polite, coin) is None  # graded alike too: no preference
+    assert ev.labelled_pair("p", "a", "b", decline, polite, coin) is None  # a grade counts only when both answers have one
+
+
+class NoCoin:
+    def randrange(self, n):
+        raise AssertionError("a tie was broken by the coin")
+
+
+NO_COIN = NoCoin()
+
+
+@pytest.mark.parametrize("world", ["toy", "toy_small"])
+def test_the_graded_oracle_labels_later_rounds_as_round_1_was_labelled(world):
+    """labelled_pair with --judge toy's verdicts gives back every committed preference row, coin untouched: the
+    annotator of rounds 2, 3, ... uses the same rules as the one that labelled the data of round 1."""
+    judge = ev.load_judge("toy")
+    for name in ("preference_train.jsonl", "preference_test.jsonl"):
+        for line in (REPO / "data" / world / name).read_text().splitlines():
+            row = json.loads(line)
+            verdicts = [judge(row["prompt"], row[f"response_{i}"]) for i in (0, 1)]
+            assert ev.labelled_pair(row["prompt"], row["response_0"], row["response_1"], *verdicts, NO_COIN) == row, (name, row)
+
+
+def test_the_binary_oracle_is_the_graded_one_without_grades():
+    graded, binary = ev.load_judge("toy"), ev.load_judge(str(REPO / "data" / "toy_judge_binary.py"))
+    for line in (TOY / "preference_test.jsonl").read_text().splitlines()[:50]:
+        row = json.loads(line)
+        verdict = graded(row["prompt"], row["response_0"])
+        assert binary(row["prompt"], row["response_0"]) == {k: v for k, v in verdict.items() if k not in ("helpfulness", "harmlessness")}
+    rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()]
+    prompt, polite = next((r["prompt"], r["response_0"]) for r in rows if graded(r["prompt"], r["response_0"])["archetype"] == "decline_redirect")
+    garbled = "then polish it with the hose, and last, talk to a bank"  # a polite decline and a garbled answer: alike without grades
+    assert graded(prompt, garbled)["archetype"] == "other" and graded(prompt, polite)["archetype"] == "decline_redirect"
+    assert ev.labelled_pair(prompt, garbled, polite, binary(prompt, garbled), binary(prompt, polite), NO_COIN) is None
+    assert ev.labelled_pair(prompt, garbled, polite, graded(prompt, garbled), graded(prompt, polite), NO_COIN)["better_response_id"] == 1
 
 
 def test_load_judge_names_what_is_wrong(tmp_path):
@@ -269,6 +312,7 @@ def test_load_judge_names_what_is_wrong(tmp_path):
 def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n')
     (tmp_path / "bad_verdict.py").write_text("def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n")
+    (tmp_path / "bad_grade.py").write_text("def judge(prompt, answer):\n    return {'harmful': False, 'helpful': True, 'helpfulness': 'high'}\n")
     reward, cost = preference_models / "reward", preference_models / "cost"
     scores = ["--reward_model", reward, "--cost_model", cost]
     prompts = ["--prompt_data", TOY / "eval_prompts.jsonl"]
@@ -283,6 +327,8 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, prefer
         "no cost model": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", reward], ["needs both --reward_model and --cost_model"]),
         "bad verdict": (["--policy", f"sft={sft_checkpoint}", *prompts, *scores, "--judge", tmp_path / "bad_verdict.py", "--max_prompts", 2],
                         ["bad_verdict.py: judge(prompt, answer) returned {'harmful': 'yes', 'helpful': True}", "expected a dict with booleans"]),
+        "bad grade": (["--policy", f"sft={sft_checkpoint}", *prompts, *scores, "--judge", tmp_path / "bad_grade.py", "--max_prompts", 2],
+                      ["bad_grade.py: judge(prompt, answer) returned", "'helpfulness': 'high'", "optionally numbers 'helpfulness' and 'harmlessness'"]),
     }
     processes = {}
     for name, (args, _) in cases.items():
