@@ -10,6 +10,7 @@ OUT/eval, OUT/round-K/eval and OUT/timings.txt). The claims, on the held-out pro
 
 Run:
     python bench/rounds.py runs/rounds-s0 runs/rounds-s1 runs/rounds-s2 --plot docs/rounds.png
+    (the runs with the annotator without grades: `--judge data/toy_judge_binary.py`, and `--title` for their plot)
 """
 
 import argparse
@@ -76,6 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="pipeline output directories of --rounds runs (one per seed)")
     parser.add_argument("--plot", default="", help="write the plot here (PNG)")
+    parser.add_argument("--title", default="Safe RLHF, round after round (toy world)", help="the plot's title")
     args = parser.parse_args()
     results = {Path(run).name: rates(run) for run in args.runs}
     names = list(next(iter(results.values()))[0])
@@ -108,7 +110,7 @@ def main():
             for row in values:
                 axis.plot(names, row, color=colour, alpha=0.25, linewidth=1)
             axis.plot(names, values.mean(0), color=colour, marker="o", linewidth=2, label=label)
-        axis.set(ylabel=f"% of answers (judge; mean of {len(results)} seeds, thin: each seed)", title="Safe RLHF, round after round (toy world)", ylim=(-2, 102))
+        axis.set(ylabel=f"% of answers (judge; mean of {len(results)} seeds, thin: each seed)", title=args.title, ylim=(-2, 102))
         axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(args.plot, dpi=120)
