@@ -43,6 +43,21 @@ def rates(run):
     return table, agreement
 
 
+def reward_gaps(run):
+    """How much more the reward model pays for a clean answer than for a garbled one ('other'), on the last policy's
+    answers to the held-out prompts, under the round-1 reward model and under the last round's: does the new data
+    teach it that garbled text is worse? {model: {"benign: helpful - garbled", "harmful: decline - garbled"}}."""
+    def gaps(records):
+        mean = lambda archetype, harmful: np.mean([r["reward"] for r in records if r["oracle_archetype"] == archetype
+                                                   and r["harmful_prompt"] == harmful] or [np.nan])
+        return {"benign: helpful - garbled": mean("helpful", False) - mean("other", False),
+                "harmful: decline - garbled": mean("decline_redirect", True) - mean("other", True)}
+    read = lambda path: [json.loads(line) for line in (Path(run) / path / "answers.jsonl").read_text().splitlines()]
+    last = list(policies(run, "rounds/eval"))[-1]
+    return {"round-1 reward model": gaps(read("rounds/round-1_models")),
+            "last reward model": gaps([r for r in read("rounds/eval") if r["policy"] == last])}
+
+
 def claims(table, agreement):
     """(claim, holds, the numbers) for one run."""
     first, last = table["round-1"], table[list(table)[-1]]
@@ -95,6 +110,13 @@ def main():
     for i, (claim, _, _) in enumerate(next(iter(per_run.values()))):
         cells = [per_run[run][i] for run in per_run]
         print(f"| {claim} | " + " | ".join(f"{c[2]} {'✓' if c[1] else '✗'}" for c in cells) + f" | {sum(c[1] for c in cells)}/{len(cells)} |")
+    print("\n### Reward for a clean answer minus reward for a garbled one (the last policy's answers)\n")
+    gap_names = ["benign: helpful - garbled", "harmful: decline - garbled"]
+    print("| run | " + " | ".join(f"{g}, round-1 model | {g}, last model" for g in gap_names) + " |")
+    print("|---" * (2 * len(gap_names) + 1) + "|")
+    for run in args.runs:
+        gaps = reward_gaps(run)
+        print(f"| {Path(run).name} | " + " | ".join(f"{gaps['round-1 reward model'][g]:.2f} | {gaps['last reward model'][g]:.2f}" for g in gap_names) + " |")
     print("\n### Time per round (s)\n")
     times = {Path(run).name: timings(run) for run in args.runs}
     for run, rounds in times.items():
