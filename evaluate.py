@@ -503,9 +503,9 @@ def main():
         # 5. policies: oracle labels, per-policy numbers (split by prompt kind), the arena and Elo
         if policies:
             if judge:
+                grade_ok = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
                 for record in (r for name in records for r in records[name]):
                     verdict = judge(record["prompt"], record["answer"])
-                    grade_ok = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
                     if not (isinstance(verdict, dict) and all(isinstance(verdict.get(key), bool) for key in ("harmful", "helpful"))
                             and all(grade_ok(verdict.get(key)) for key in ("helpfulness", "harmlessness"))):
                         raise InputError(f"--judge {args.judge}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans 'harmful' and 'helpful' (and optionally numbers 'helpfulness' and 'harmlessness')")
