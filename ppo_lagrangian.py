@@ -1,58 +1,35 @@
 """Stage 3 of Safe RLHF: PPO-Lagrangian, the policy update with a reward critic, a cost critic and a learned λ.
 
-Safe RLHF (paper §3.3; reference note §3) maximises helpfulness subject to a harmlessness constraint,
+Safe RLHF (paper §3.3; docs/math.md §4) maximises helpfulness subject to a harmlessness constraint,
 
     max_θ J_R(θ)  s.t.  J_C(θ) ≤ d,    J_R = E[R(x, y)],  J_C = E[C(x, y)],   y ~ π_θ(·|x)
 
-where C(x, y) > 0 means the cost model calls the answer unsafe (C < 0: safe), and d is `--cost_limit`. It is solved
-as the min-max problem  max_θ min_{λ≥0}  J_R(θ) - λ · (J_C(θ) - d)  by alternating a clipped PPO step on θ, with the
-combined advantage (A_R - λ·A_C) / (1 + λ), and a gradient step on λ (dual ascent): λ grows while the policy costs
-more than d and shrinks once it is safe. Six models take part: the actor (from SFT, trained), the reference policy
-(SFT, frozen), the reward and cost models (frozen), and the reward and cost critics (initialised from the reward and
-cost models, trained).
+where C(x, y) > 0 means the cost model calls the answer unsafe, and d is `--cost_limit`. It is solved as the min-max
+problem  max_θ min_{λ≥0} J_R(θ) - λ·(J_C(θ) - d)  by alternating a clipped PPO step on θ with the combined advantage
+(A_R - λ·A_C) / (1 + λ), and a gradient step on λ (dual ascent): λ grows while the policy costs more than d and
+shrinks once it is safe. Six models take part: the actor (from SFT, trained), the reference policy (SFT, frozen), the
+reward and cost models (frozen), and the reward and cost critics (from the reward and cost models, trained).
 
 One iteration, as in `main()` below:
     1. rollout: the actor samples an answer to each prompt of the batch (KV cache, left padding, stop at EOS)
     2. scores: R(x, y) and C(x, y) at the EOS; log-probs of the actor and the reference; values of both critics
-    3. per-token rewards  r_t = -β·k_t + [t=T]·R   and costs  c_t = +β·k_t + [t=T]·C,   k_t = log π_old - log π_ref
+    3. per-token rewards  r_t = -β·k_t + [t=T]·R  and costs  c_t = +β·k_t + [t=T]·C,   k_t = log π_old - log π_ref
     4. GAE for rewards (with V_R) and costs (with V_C)
-    then, for each of the update_iters × (prompt batch / train batch) update steps (minibatches):
-    5. Lagrange multiplier: one SGD step on log λ against J_C - d, J_C the mean raw episode cost of the last
-       window (all ranks alike); as in the reference's rl_step, once per update step, not once per rollout
-    6. actor: clipped surrogate on (A_R - λ·A_C) / (1 + λ)   (+ ptx_coeff × the SFT loss on a batch of SFT data)
+    then, for each of the update_iters × (prompt batch / train batch) update steps:
+    5. λ: one update against J_C - d, J_C the mean raw cost of the episode-cost window (all ranks alike)
+    6. actor: clipped surrogate on (A_R - λ·A_C) / (1 + λ)   (+ ptx_coeff × the SFT loss on --ptx_data)
     7. critics: clipped value losses towards the GAE returns
 
-`--algorithm` selects the paper's comparisons on the same code path, each with the reference's KL coefficient β
-as its default (0.01 for ppo_lag; 0.02 for the baselines, as in the reference's ppo.sh and ppo-reward-shaping.sh):
-    ppo_lag         PPO-Lagrangian (above)
-    ppo             reward only: no cost stream and no cost critic (the cost model still scores answers, for the log)
-    reward_shaping  end reward R - λ0·C with λ0 = --lambda_init fixed, one critic
+`--algorithm` picks the paper's comparisons on the same code path, each with the reference's KL coefficient β as its
+default: ppo_lag (above; β 0.01), ppo (reward only, one critic; β 0.02), reward_shaping (end reward R - λ0·C with a
+fixed λ0 = --lambda_init, one critic; β 0.02). Two variants of ppo_lag that are not in the paper (docs/math.md §5):
+--constraint rectified (RePO, arXiv 2410.19933: each answer's cost over the limit, {C - d}⁺, instead of E[C]) and
+--lambda_update pid (Stooke, Achiam & Abbeel 2020: λ by a PID controller on the violation).
 
-Two variants of ppo_lag that are not in the paper (defaults: the paper's):
-  --constraint rectified   RePO (Peng et al. 2024, "Enhancing Safety in RLHF via Rectified Policy Optimization",
-      arXiv 2410.19933). The expected constraint E[C] ≤ d lets very safe answers (C ≪ d, typically to benign
-      prompts) pay for harmful ones: with d = 0 a policy can comply with every harmful request and still satisfy it
-      ("safety compensation"). RePO asks instead for C(x, y) ≤ d on every prompt and relaxes it to the rectified
-      penalty {C - d}⁺ = max(0, C - d) per answer. What this script optimises is
-          max_θ min_{λ≥0}  E[R(x, y)] - λ·E[{C(x, y) - d}⁺]
-      on the same code path: the cost stream's end cost is {C - d}⁺ instead of C (an answer within the limit costs
-      nothing, however safe), and λ moves on g = mean({C - d}⁺) ≥ 0 of the episode-cost window instead of J_C - d,
-      so λ only rises while any answer violates the limit and stays put once none does. Its natural setting is
-      d = 0, where the cost model's own sign (safe < 0 < unsafe) is the limit, whatever its scale. Where this may
-      differ from RePO's code (not available to us): that code's handling of KL, clipping and the split of batches
-      into safe and unsafe answers; here the KL and clipping are the paper's and every batch is used as sampled.
-  --lambda_update pid      PID Lagrangian (Stooke, Achiam & Abbeel, ICML 2020) instead of the SGD step on log λ:
-      λ = K_P·g + K_I·Σg + K_D·(rise of g), clipped to [0, λ_max], with g the violation above (the integral term
-      alone is gradient ascent on λ; P and D damp λ's overshoot and the cost's oscillation around d).
-
-`--max_steps N` runs exactly N rollouts, cycling over the de-duplicated prompts. Rollout and scoring run in eval mode
-(no dropout, KV cache), the update in training mode (dropout, gradient checkpointing). With --ptx_data the actor
-takes one optimiser step on the summed PPO and PTX gradients, as the reference does.
-
-Deliberate differences from the reference code: answers are sampled from the full policy (top_k disabled; the
-reference inherits Hugging Face's default top_k=50), so the rollout is on-policy at temperature 1 and top_p 1; the
-reward and cost models must share the actor's tokenizer (trained from the same SFT model: nothing is re-tokenised);
-plain PyTorch DDP, or FSDP2 with --fsdp, instead of DeepSpeed (at 7B: --fsdp, see README "Running at paper scale").
+Deliberate differences from the reference code: answers are sampled from the full policy (top_k disabled; the reference
+inherits top_k=50), so the rollout is on-policy; the reward and cost models must share the actor's tokenizer; plain
+PyTorch DDP, or FSDP2 with --fsdp, instead of DeepSpeed. `--max_steps N` runs exactly N rollouts, cycling over the
+prompts.
 
 Run (toy world, one process):
     python ppo_lagrangian.py --actor_model runs/toy/sft --reward_model runs/toy/reward --cost_model runs/toy/cost \
@@ -65,6 +42,9 @@ Run (paper scale, 8 GPUs; the defaults are the reference's settings):
 
 import argparse
 import dataclasses
+import fcntl
+import functools
+import itertools
 import json
 import logging
 import math
@@ -77,7 +57,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -86,99 +66,122 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
-
-from sft import collate, count_answer_tokens, sft_examples, sft_loss_sum, sft_rows  # the PTX loss: stage 1's loss on SFT data
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
-                          HfArgumentParser, get_scheduler, set_seed)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    HfArgumentParser,
+    get_scheduler,
+    set_seed,
+)
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 REFERENCE_KL_COEFF = {"ppo_lag": 0.01, "ppo": 0.02, "reward_shaping": 0.02}  # the reference's scripts/*.sh
+ALGORITHMS, CONSTRAINTS = list(REFERENCE_KL_COEFF), ["expected", "rectified"]
+SCHEDULES, TRACKERS = ["cosine", "linear", "constant"], ["none", "tensorboard", "wandb"]
+
+
+def arg(default, help, **metadata):  # a field of Args: its default, its --help line (and e.g. choices=[...])
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class Args:
-    actor_model: str = field(default="output/sft", metadata={"help": "the SFT checkpoint: the initial actor and the frozen reference policy"})
-    reward_model: str = field(default="output/reward", metadata={"help": "the reward model (preference_model.py --objective reward)"})
-    cost_model: str = field(default="output/cost", metadata={"help": "the cost model (preference_model.py --objective cost)"})
-    reward_critic_model: str = field(default="", metadata={"help": "initial reward critic ('' = the reward model)"})
-    cost_critic_model: str = field(default="", metadata={"help": "initial cost critic ('' = the cost model)"})
-    prompt_data: str = field(default=PKU_SAFERLHF, metadata={"help": "prompts for the rollouts (rows with a 'prompt' field): local .json/.jsonl/.parquet/.csv or hub NAME[@REVISION]"})
-    prompt_split: str = field(default="train", metadata={"help": "split of a hub prompt data set"})
-    ptx_data: str = field(default="", metadata={"help": "optional SFT data ({prompt, response} or Alpaca rows) for the PTX loss"})
-    ptx_split: str = field(default="train", metadata={"help": "split of a hub PTX data set"})
-    output_dir: str = field(default="output/ppo_lag", metadata={"help": "where the actor checkpoint, args.json and metrics.jsonl go"})
-    algorithm: str = field(default="ppo_lag", metadata={"help": "ppo_lag (PPO-Lagrangian), ppo (reward only) or reward_shaping (R - λ0·C, fixed λ0)", "choices": ["ppo_lag", "ppo", "reward_shaping"]})
-    cost_limit: float = field(default=0.0, metadata={"help": "d, the limit on the expected cost J_C (the reference's --threshold), or on each answer's cost with --constraint rectified"})
-    constraint: str = field(default="expected", metadata={"help": "ppo_lag's constraint: expected (the paper's, E[C] ≤ d) or rectified (RePO's, per answer: penalise only {C - d}⁺)", "choices": ["expected", "rectified"]})
-    lambda_update: str = field(default="sgd", metadata={"help": "how ppo_lag's λ moves: sgd (the paper's step on log λ) or pid (Stooke et al. 2020, PID Lagrangian)", "choices": ["sgd", "pid"]})
-    lambda_init: float = field(default=1.0, metadata={"help": "initial λ (and the fixed λ0 of reward_shaping)"})
-    lambda_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of log λ (--lambda_update sgd)"})
-    lambda_max: float = field(default=5.0, metadata={"help": "upper bound on λ"})
-    pid_kp: float = field(default=0.1, metadata={"help": "K_P of --lambda_update pid: λ's share proportional to the current violation g"})
-    pid_ki: float = field(default=0.02, metadata={"help": "K_I of --lambda_update pid: λ's share proportional to the summed violations (one term per update step)"})
-    pid_kd: float = field(default=0.1, metadata={"help": "K_D of --lambda_update pid: λ's share proportional to a rise of the violation since the last update step"})
-    lambda_update_delay_steps: int = field(default=0, metadata={"help": "update steps before λ starts to move"})
-    episode_cost_window_size: int = field(default=128, metadata={"help": "J_C is the mean of each rank's last N episode costs, averaged over ranks"})
-    kl_coeff: Optional[float] = field(default=None, metadata={"help": "β, the weight of the per-token KL penalty to the reference (default: the reference's, 0.01 for ppo_lag and 0.02 for ppo and reward_shaping)"})
-    clip_range_ratio: float = field(default=0.2, metadata={"help": "ε of the clipped surrogate"})
-    clip_range_score: float = field(default=50.0, metadata={"help": "per-token rewards and costs are clamped to ±this"})
-    clip_range_value: float = field(default=5.0, metadata={"help": "how far a critic's value may move from its old value before the loss is clipped"})
-    gamma: float = field(default=1.0, metadata={"help": "discount γ of GAE"})
-    gae_lambda: float = field(default=0.95, metadata={"help": "λ_GAE of GAE"})
-    ptx_coeff: float = field(default=16.0, metadata={"help": "weight of the SFT loss on --ptx_data (used only when ptx_data is given)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollout (PPO assumes 1.0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollout (PPO assumes 1.0)"})
-    max_length: int = field(default=512, metadata={"help": "maximum tokens of prompt + answer"})
-    max_new_tokens: int = field(default=512, metadata={"help": "maximum answer tokens (also bounded by max_length)"})
-    per_device_prompt_batch_size: int = field(default=16, metadata={"help": "prompts per device per rollout"})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "rollout samples per device per update step (divides the prompt batch)"})
-    update_iters: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    epochs: int = field(default=1, metadata={"help": "passes over the prompts (when --max_steps is not given)"})
-    max_steps: int = field(default=-1, metadata={"help": "run exactly this many rollouts, cycling over the prompts (-1: --epochs passes)"})
-    actor_lr: float = field(default=1e-5, metadata={"help": "actor learning rate"})
-    actor_lr_scheduler: str = field(default="cosine", metadata={"help": "actor schedule after warm-up", "choices": ["cosine", "linear", "constant"]})
-    actor_lr_warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the actor's steps spent warming up"})
-    actor_weight_decay: float = field(default=0.01, metadata={"help": "actor AdamW weight decay"})
-    critic_lr: float = field(default=5e-6, metadata={"help": "critic learning rate"})
-    critic_lr_scheduler: str = field(default="constant", metadata={"help": "critic schedule after warm-up", "choices": ["cosine", "linear", "constant"]})
-    critic_lr_warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the critics' steps spent warming up"})
-    critic_weight_decay: float = field(default=0.0, metadata={"help": "critic AdamW weight decay"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1 of the actor and the critics"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β2 of the actor and the critics"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
-    seed: int = field(default=42, metadata={"help": "random seed (rank r samples with seed + r)"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (and bf16 frozen models), used only where the device supports it"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations of the trained models in the backward pass"})
-    fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard all six models (and the trained ones' gradients and optimiser states) over the ranks; see README, 'Running at paper scale'"})
-    save_critics: bool = field(default=False, metadata={"help": "also save both critics (OUTPUT_DIR/reward_critic, OUTPUT_DIR/cost_critic)"})
-    save_steps: int = field(default=0, metadata={"help": "save a resumable training state every N rollouts, to OUTPUT_DIR.partial/checkpoint-N (0: never)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest OUTPUT_DIR.partial/checkpoint-N of a run that was stopped"})
-    logging_steps: int = field(default=1, metadata={"help": "log every N rollouts"})
-    report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
+    actor_model: str = arg("output/sft", "the SFT checkpoint: the initial actor and the frozen reference policy")
+    reward_model: str = arg("output/reward", "the reward model (preference_model.py --objective reward)")
+    cost_model: str = arg("output/cost", "the cost model (preference_model.py --objective cost)")
+    reward_critic_model: str = arg("", "initial reward critic ('' = the reward model)")
+    cost_critic_model: str = arg("", "initial cost critic ('' = the cost model)")
+    prompt_data: str = arg(PKU_SAFERLHF, "prompts ('prompt' field): .jsonl/.json/.parquet/.csv or hub NAME[@REV]")
+    prompt_split: str = arg("train", "split of a hub prompt data set")
+    ptx_data: str = arg("", "optional SFT data ({prompt, response} or Alpaca rows) for the PTX loss")
+    ptx_split: str = arg("train", "split of a hub PTX data set")
+    output_dir: str = arg("output/ppo_lag", "where the actor checkpoint, args.json and metrics.jsonl go")
+    overwrite_output_dir: bool = arg(False, "replace OUTPUT_DIR whatever it holds; start over despite saved states")
+    algorithm: str = arg("ppo_lag", "ppo_lag, ppo (reward only) or reward_shaping (R - λ0·C)", choices=ALGORITHMS)
+    cost_limit: float = arg(0.0, "d: the limit on E[C] (the reference's --threshold), or on each C if rectified")
+    constraint: str = arg("expected", "ppo_lag's constraint: E[C] ≤ d (paper) or rectified (RePO)", choices=CONSTRAINTS)
+    lambda_update: str = arg("sgd", "ppo_lag's λ: sgd (the paper's step on log λ) or pid", choices=["sgd", "pid"])
+    lambda_init: float = arg(1.0, "initial λ (and the fixed λ0 of reward_shaping)")
+    lambda_lr: float = arg(0.1, "SGD learning rate of log λ (--lambda_update sgd)")
+    lambda_max: float = arg(5.0, "upper bound on λ")
+    pid_kp: float = arg(0.1, "K_P of --lambda_update pid: λ's share proportional to the violation g")
+    pid_ki: float = arg(0.02, "K_I of --lambda_update pid: λ's share proportional to the summed violations")
+    pid_kd: float = arg(0.1, "K_D of --lambda_update pid: λ's share proportional to a rise of the violation")
+    lambda_update_delay_steps: int = arg(0, "update steps before λ starts to move")
+    episode_cost_window_size: int = arg(128, "J_C is the mean of each rank's last N episode costs, over ranks")
+    kl_coeff: float | None = arg(None, "β of the per-token KL penalty (default: the reference's for the algorithm)")
+    clip_range_ratio: float = arg(0.2, "ε of the clipped surrogate")
+    clip_range_score: float = arg(50.0, "per-token rewards and costs are clamped to ±this")
+    clip_range_value: float = arg(5.0, "how far a value may move from its old value before its loss is clipped")
+    gamma: float = arg(1.0, "discount γ of GAE")
+    gae_lambda: float = arg(0.95, "λ_GAE of GAE")
+    ptx_coeff: float = arg(16.0, "weight of the SFT loss on --ptx_data")
+    temperature: float = arg(1.0, "sampling temperature of the rollout (PPO assumes 1.0)")
+    top_p: float = arg(1.0, "nucleus sampling of the rollout (PPO assumes 1.0)")
+    max_length: int = arg(512, "maximum tokens of prompt + answer")
+    max_new_tokens: int = arg(512, "maximum answer tokens (also bounded by max_length)")
+    per_device_prompt_batch_size: int = arg(16, "prompts per device per rollout")
+    per_device_train_batch_size: int = arg(16, "rollout samples per device per update step")
+    update_iters: int = arg(1, "passes over each rollout batch")
+    epochs: int = arg(1, "passes over the prompts (when --max_steps is not given)")
+    max_steps: int = arg(-1, "run exactly this many rollouts, cycling over the prompts (-1: --epochs passes)")
+    actor_lr: float = arg(1e-5, "actor learning rate")
+    actor_lr_scheduler: str = arg("cosine", "actor schedule after warm-up", choices=SCHEDULES)
+    actor_lr_warmup_ratio: float = arg(0.03, "fraction of the actor's steps spent warming up")
+    actor_weight_decay: float = arg(0.01, "actor AdamW weight decay")
+    critic_lr: float = arg(5e-6, "critic learning rate")
+    critic_lr_scheduler: str = arg("constant", "critic schedule after warm-up", choices=SCHEDULES)
+    critic_lr_warmup_ratio: float = arg(0.0, "fraction of the critics' steps spent warming up")
+    critic_weight_decay: float = arg(0.0, "critic AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW β1 of the actor and the critics")
+    adam_beta2: float = arg(0.95, "AdamW β2 of the actor and the critics")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0: no clipping)")
+    seed: int = arg(42, "random seed (rank r samples with seed + r)")
+    bf16: bool = arg(True, "bf16 autocast and bf16 frozen models, used only where the device supports it")
+    gradient_checkpointing: bool = arg(True, "recompute activations of the trained models in the backward pass")
+    fsdp: bool = arg(False, "FSDP2: shard all six models (and the trained ones' states) over the ranks")
+    save_critics: bool = arg(False, "also save both critics (OUTPUT_DIR/reward_critic, OUTPUT_DIR/cost_critic)")
+    save_steps: int = arg(0, "save a resumable state every N rollouts, to OUTPUT_DIR.partial (0: never)")
+    resume: bool = arg(False, "continue the stopped run from the newest state in OUTPUT_DIR.partial")
+    logging_steps: int = arg(1, "log every N rollouts")
+    report_to: str = arg("none", "tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", choices=TRACKERS)
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
     rollout_batch_size: int = field(default=0, init=False)
     minibatches_per_rollout: int = field(default=0, init=False)
 
     def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
-        require(self, "max_length max_new_tokens per_device_prompt_batch_size per_device_train_batch_size update_iters epochs "
-                      "episode_cost_window_size logging_steps", lambda v: v >= 1, "at least 1")
+        require_finite(self)
+        counts = (
+            "max_length max_new_tokens per_device_prompt_batch_size per_device_train_batch_size update_iters epochs"
+        )
+        require(self, counts + " episode_cost_window_size logging_steps", lambda v: v >= 1, "at least 1")
         require(self, "max_steps", lambda v: v == -1 or v >= 1, "-1 (--epochs passes) or at least 1")
-        require(self, "actor_lr critic_lr lambda_init lambda_max temperature clip_range_ratio clip_range_score clip_range_value",
-                lambda v: v > 0, "positive")
+        rates = (
+            "actor_lr critic_lr lambda_init lambda_max temperature clip_range_ratio clip_range_score clip_range_value"
+        )
+        require(self, rates, lambda v: v > 0, "positive")
         require(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-        require(self, "gamma gae_lambda actor_lr_warmup_ratio critic_lr_warmup_ratio adam_beta1 adam_beta2", lambda v: 0 <= v <= 1, "in [0, 1]")
-        require(self, "lambda_lr lambda_update_delay_steps ptx_coeff actor_weight_decay critic_weight_decay max_grad_norm save_steps",
-                lambda v: v >= 0, "at least 0")
+        shares = "gamma gae_lambda actor_lr_warmup_ratio critic_lr_warmup_ratio adam_beta1 adam_beta2"
+        require(self, shares, lambda v: 0 <= v <= 1, "in [0, 1]")
+        others = "lambda_lr lambda_update_delay_steps ptx_coeff actor_weight_decay critic_weight_decay max_grad_norm"
+        require(self, others + " save_steps pid_kp pid_ki pid_kd", lambda v: v >= 0, "at least 0")
         require(self, "kl_coeff", lambda v: v is None or v >= 0, "at least 0")
-        require(self, "pid_kp pid_ki pid_kd", lambda v: v >= 0, "at least 0")
-        require(self, "constraint", lambda v: v == "expected" or self.algorithm == "ppo_lag", "expected unless --algorithm ppo_lag (only PPO-Lagrangian has a constraint)")
-        require(self, "lambda_update", lambda v: v == "sgd" or self.algorithm == "ppo_lag", "sgd unless --algorithm ppo_lag (only PPO-Lagrangian learns λ)")
-        require(self, "pid_ki", lambda v: v > 0 or self.lambda_update == "sgd", "positive with --lambda_update pid (the integral term sets where λ settles)")
+        require(self, "seed", lambda v: 0 <= v < 2**31, "in [0, 2^31)")
+        lagrangian = self.algorithm == "ppo_lag"  # only PPO-Lagrangian has a constraint and learns λ
+        require(self, "constraint", lambda v: v == "expected" or lagrangian, "expected unless --algorithm ppo_lag")
+        require(self, "lambda_update", lambda v: v == "sgd" or lagrangian, "sgd unless --algorithm ppo_lag")
+        require(self, "pid_ki", lambda v: v > 0 or self.lambda_update == "sgd", "positive with --lambda_update pid")
+        batch = self.per_device_prompt_batch_size
+        require(self, "per_device_train_batch_size", lambda v: batch % v == 0, f"a divisor of the prompt batch {batch}")
+        if self.kl_coeff is None:  # the reference's β for the algorithm (scripts/ppo-lag.sh, ppo.sh, ...)
+            self.kl_coeff = REFERENCE_KL_COEFF[self.algorithm]
 
 
-# ---- Safe RLHF, stage 3: the PPO-Lagrangian math (paper §3.3; reference note §3). Tensors (B, T) over answer tokens ----
+# ---- Safe RLHF, stage 3: the PPO-Lagrangian math (paper §3.3; docs/math.md §4-§5). Tensors (B, T): answer tokens ----
 def masked_mean(x, mask):
     # mean over each sample's answer tokens, then over samples
     return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
@@ -247,7 +250,11 @@ def constraint_violation(episode_costs, cost_limit, constraint):
     # expected:   g = J_C - d = mean(C) - d        (paper §3.3: negative once the policy is safe on average, so very
     #                                               safe answers can pay for harmful ones: "safety compensation")
     # rectified:  g = mean({C - d}⁺) ≥ 0           (RePO: every answer over the limit counts, none can pay for another)
-    return episode_costs.mean() - cost_limit if constraint == "expected" else rectified_costs(episode_costs, cost_limit).mean()
+    return (
+        episode_costs.mean() - cost_limit
+        if constraint == "expected"
+        else rectified_costs(episode_costs, cost_limit).mean()
+    )
 
 
 def lagrange_multiplier_loss(log_lambda, violation):
@@ -276,9 +283,64 @@ def pid_lagrange_multiplier(violation, previous_violation, integral, kp, ki, kd,
     return min(max(kp * violation + ki * integral + kd * derivative, 0.0), lambda_max), integral
 
 
+def expected_costs(costs, cost_limit):
+    # the paper's constraint E[C] ≤ d: the cost stream learns C itself (d enters only λ's update)
+    return costs
+
+
+class LagrangeMultiplier:
+    """λ and its update rule, in one place (docs/math.md §4.4, §5.2), with its state for --resume. ppo_lag moves λ by
+    the paper's SGD step on log λ or by PID; ppo and reward_shaping learn no λ (update() leaves it alone: None for ppo,
+    and reward_shaping's fixed λ0 lives in its end reward)."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.rule = args.lambda_update if args.algorithm == "ppo_lag" else None
+        self.value = None if args.algorithm == "ppo" else args.lambda_init
+        self.log_lambda = torch.tensor(math.log(args.lambda_init), device=device, requires_grad=True)  # λ = exp(log λ)
+        self.optimizer = torch.optim.SGD([self.log_lambda], lr=args.lambda_lr)
+        self.pid_integral = args.lambda_init / args.pid_ki if args.pid_ki else 0.0  # the PID starts at λ_init
+        self.previous_violation, self.violation, self.updates = None, None, 0
+
+    def update(self, episode_costs):
+        """One update from this rank's episode-cost window: the violation g (J_C - d, or the rectified one), averaged
+        over ranks (gloo has no AVG: sum, then divide) so that λ moves alike on every rank. Returns λ."""
+        if self.rule is None:
+            return self.value
+        window = torch.tensor(list(episode_costs), device=self.device)
+        violation = constraint_violation(window, self.args.cost_limit, self.args.constraint)
+        dist.all_reduce(violation)
+        violation = violation / self.args.world_size
+        self.violation = violation.item()
+        if self.updates >= self.args.lambda_update_delay_steps and self.rule == "sgd":
+            self.value = update_lagrange_multiplier(self.log_lambda, self.optimizer, violation, self.args.lambda_max)
+        elif self.updates >= self.args.lambda_update_delay_steps:  # pid
+            previous = self.violation if self.previous_violation is None else self.previous_violation
+            gains = (self.args.pid_kp, self.args.pid_ki, self.args.pid_kd, self.args.lambda_max)
+            self.value, self.pid_integral = pid_lagrange_multiplier(self.violation, previous, self.pid_integral, *gains)
+            self.previous_violation = self.violation
+        self.updates += 1
+        return self.value
+
+    def metrics(self):
+        # λ is logged where it means something (reward_shaping: its fixed λ0); the violation where λ learns from it
+        if self.rule is None:
+            return {} if self.args.algorithm == "ppo" else {"lagrange/lambda": self.value}
+        return {"lagrange/lambda": self.value, "lagrange/violation": self.violation}
+
+    def state_dict(self):
+        keys = ("value", "pid_integral", "previous_violation", "violation", "updates")
+        return {"log_lambda": self.log_lambda.item(), **{key: getattr(self, key) for key in keys}}
+
+    def load_state_dict(self, state):
+        self.log_lambda.data.fill_(state.pop("log_lambda"))
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
 # ---- the models at work: sampling, log-probs, scores and values ----
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False):
+def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, generation_config):
     """Answers to a batch of tokenised prompts with the KV cache (call it in eval mode). Prompts are left-padded to a
     common length P, so the answers start together at column P. Returns (sequences (B, P+T), attention_mask (B, P+T),
     P): each answer stops at its first EOS (kept); the tokens after it are pad and masked out."""
@@ -288,11 +350,14 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1
     prompt_mask = torch.zeros_like(input_ids)
     for i, ids in enumerate(prompt_ids):
         input_ids[i, prompt_length - len(ids) :], prompt_mask[i, prompt_length - len(ids) :] = torch.tensor(ids), 1
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}  # top_k 0: the full policy
-    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              bos_token_id=tokenizer.bos_token_id, suppress_tokens=[pad], use_cache=True, **sampling)
     # synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered beforehand)
-    sequences = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False)  # (B, P+T)
+    sequences = model.generate(
+        input_ids=input_ids,
+        attention_mask=prompt_mask,
+        generation_config=generation_config,
+        max_new_tokens=max_new_tokens,
+        synced_gpus=False,
+    )  # (B, P+T)
     answers = sequences[:, prompt_length:]  # (B, T)
     is_eos = answers == eos
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -304,7 +369,9 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature=1
 def answer_log_probs(model, sequences, attention_mask, prompt_length):
     """log π(a_t | x, a_<t) of every answer token: (B, P+T) -> (B, T). The logits at position P-1+t predict token t."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
     answer_logits, answer_tokens = logits[:, prompt_length - 1 : -1], sequences[:, prompt_length:]  # (B, T, V), (B, T)
     return torch.log_softmax(answer_logits.float(), dim=-1).gather(-1, answer_tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -313,7 +380,11 @@ def end_scores(score_model, input_ids, attention_mask):
     """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
     Position ids follow the attention mask, so padding changes nothing."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits.squeeze(-1).float()
+    return (
+        score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        .logits.squeeze(-1)
+        .float()
+    )
 
 
 class Critic(torch.nn.Module):
@@ -328,322 +399,528 @@ class Critic(torch.nn.Module):
     def forward(self, sequences, attention_mask, prompt_length):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         backbone = getattr(self.score_model, self.score_model.base_model_prefix)
-        hidden = backbone(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state  # (B, P+T, H)
+        hidden = backbone(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, P+T, H)
         return self.score_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()  # (B, T)
 
 
-# ---- data: the prompts, pass after pass ----
-def endless(loader, sampler):
-    """The batches of a DataLoader, pass after pass, each pass shuffled anew (the sampler's epoch)."""
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+# ---- PTX data: stage 1's loss on SFT data, as in sft.py ----
+def sft_loss_sum(logits, labels):
+    # Σ_t -log π(y_t | x, y_<t) over answer tokens (labels != -100); logits at t predict the token at t+1
+    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].flatten()  # (B*(T-1),)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+
+
+def count_answer_tokens(labels):
+    # the number of terms in the sum above
+    return (labels[:, 1:] != -100).sum()
+
+
+def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
+    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. The answer is
+    tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by the prompt's
+    own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone gives other
+    tokens than the ones a model generates after `ASSISTANT:` (docs/math.md §1)."""
+    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
+    prompt_ids = tokenizer(prompt_text)["input_ids"]
+    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :]
+    answer_ids = answer_ids + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[:max_length]
+    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
+
+
+def sft_rows(rows, source):
+    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows; as in the
+    reference, an Alpaca prompt is `instruction + " " + input` (or the instruction alone when input is empty)."""
+    pairs = []
+    for row_number, row in enumerate(rows, start=1):
+        if row.get("prompt") is not None and row.get("response") is not None:
+            fields = {"prompt": row["prompt"], "response": row["response"]}
+        elif row.get("instruction") is not None and row.get("output") is not None:
+            fields = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+        else:
+            present = sorted(k for k, v in row.items() if v is not None)
+            raise InputError(
+                f"{where(source, row_number)}: needs the fields 'prompt' and 'response' (or Alpaca's "
+                f"'instruction' and 'output'); it has {present}"
+            )
+        for name, value in fields.items():
+            if not isinstance(value, str) or (not value.strip() and name != "input"):
+                raise InputError(
+                    f"{where(source, row_number)}, field '{name}': expected a non-empty string, got {value!r}"
+                )
+        if "prompt" in fields:
+            pairs.append((fields["prompt"], fields["response"]))
+        else:
+            instruction, extra = fields["instruction"], fields["input"]
+            pairs.append((f"{instruction} {extra}" if extra else instruction, fields["output"]))
+    return pairs
+
+
+def sft_examples(tokenizer, pairs, max_length):
+    """Token ids and labels (-100 on the prompt), dropping rows truncated to nothing of their answer."""
+    examples, dropped = [], 0
+    for prompt, response in pairs:
+        prompt_ids, answer_ids = tokenize_prompt_and_answer(tokenizer, prompt, response, max_length)
+        if not answer_ids:
+            dropped += 1
+            continue
+        examples.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
+    return examples, dropped
+
+
+def collate(examples, pad_token_id):
+    """Right-pad to the longest sequence of the micro-batch."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id)
+    labels = torch.full((len(examples), length), -100)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = (
+            torch.tensor(e["input_ids"]),
+            torch.tensor(e["labels"]),
+            1,
+        )
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def main():
     args = parse_args(Args)
-    if args.per_device_prompt_batch_size % args.per_device_train_batch_size:
-        raise InputError(f"--per_device_train_batch_size ({args.per_device_train_batch_size}) must divide "
-                         f"--per_device_prompt_batch_size ({args.per_device_prompt_batch_size})")
-    if args.kl_coeff is None:
-        args.kl_coeff = REFERENCE_KL_COEFF[args.algorithm]
-    check_output_dir(args.output_dir, {name: getattr(args, name) for name in ("actor_model", "reward_model", "cost_model", "reward_critic_model",
-                                                                               "cost_critic_model", "prompt_data", "ptx_data")})
+    saved_states = check_before_start(args)  # the output directory, and the saved states of a stopped run
     rank, args.world_size, device = setup_distributed()
     args.rollout_batch_size = args.per_device_prompt_batch_size * args.world_size
     args.minibatches_per_rollout = args.per_device_prompt_batch_size // args.per_device_train_batch_size
     set_seed(args.seed + rank)  # each rank samples different answers
-    use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    use_lagrangian = args.algorithm == "ppo_lag"  # the cost critic, the cost advantages and a learned λ
+    use_bf16, autocast = mixed_precision(args.bf16, device)
+    tokenizer = load_policy_tokenizer(args.actor_model)
+    prompt_loader, total_rollouts, prompts_line = load_prompts(args, tokenizer, rank)
+    ptx_loader = load_ptx_data(args, tokenizer)  # None without --ptx_data
+    actor, reference, reward_model, cost_model, critics = load_models(args, tokenizer, device, use_bf16)
+    trained = {"actor": actor, **{f"{stream}_critic": critic for stream, critic in critics.items()}}
+    optimizers = ppo_optimizers(trained, args, total_rollouts * args.update_iters * args.minibatches_per_rollout)
+    multiplier = LagrangeMultiplier(args, device)  # λ, its update rule and its state
+    episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last raw episode costs C(x, y)
+    run = start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, episode_costs)
+    prompt_batches = endless(*prompt_loader, skip=run.rollout)  # this rank's prompts (token ids), batch after batch
+    ptx_batches = endless(*ptx_loader, skip=run.update_step) if ptx_loader else None
+    # the variant, resolved once: what the reward stream learns at the answer's end (R, or R - λ0·C for
+    # reward_shaping) and what the cost stream learns (C, or {C - d}⁺ with the rectified constraint)
+    lambda0 = args.lambda_init if args.algorithm == "reward_shaping" else 0.0
+    cost_to_learn = rectified_costs if args.constraint == "rectified" else expected_costs
+    sampling = sampling_config(args, tokenizer)
+    if rank == 0:
+        print(describe_run(args, prompts_line, ptx_loader, use_bf16, trained))
 
-    # ---- data: everything is checked before anything is written ----
-    tokenizer = load_pretrained(AutoTokenizer, args.actor_model)
+    # ---- the PPO-Lagrangian loop (paper §3.3; docs/math.md §4) ----
+    progress, start_time = progress_bar(total_rollouts, args.algorithm, rank, initial=run.rollout), time.time()
+    for rollout in range(run.rollout + 1, total_rollouts + 1):
+        prompts = next(prompt_batches)
+        for model in trained.values():
+            model.eval()  # steps 1-4 in eval mode, as the reference: no dropout, and the KV cache is allowed
+
+        # 1. rollout: sample y ~ π_θ(·|x) for each prompt x of this rank's batch, and the log-probs of π_old. Under
+        #    FSDP the actor's weights are gathered once for both, not once per generated token (see gathered())
+        max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompts)))
+        with gathered(actor), torch.no_grad(), autocast:
+            sequences, attention_mask, P = generate_answers(unwrap(actor), tokenizer, prompts, max_new_tokens, sampling)
+            old_log_probs = answer_log_probs(unwrap(actor), sequences, attention_mask, P)  # (B, T); sequences (B, P+T)
+        answer_mask = attention_mask[:, P:].float()  # (B, T): 1 on the answer's tokens up to and including its EOS
+
+        # 2. scores: R(x, y) and C(x, y) at the EOS; log-probs of π_ref; values of the critics, V_R (and V_C)
+        with torch.no_grad(), autocast:
+            end_rewards = end_scores(reward_model, sequences, attention_mask)  # (B,)
+            end_costs = end_scores(cost_model, sequences, attention_mask)  # (B,)
+            ref_log_probs = answer_log_probs(reference, sequences, attention_mask, P)  # (B, T)
+            old_values = {stream: unwrap(critic)(sequences, attention_mask, P) for stream, critic in critics.items()}
+        episode_costs.extend(end_costs.tolist())  # the raw C(x, y): J_C is the expected cost, without KL or clipping
+
+        # 3. per-token rewards and costs with the split KL penalty: r_t = -β·k_t + [t=T]·R, c_t = +β·k_t + [t=T]·C
+        penalty = (old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)
+        rewards = kl_penalized_rewards(shaped_end_rewards(end_rewards, end_costs, lambda0), *penalty)  # (B, T)
+        costs = kl_penalized_costs(cost_to_learn(end_costs, args.cost_limit), *penalty)  # (B, T)
+        # 4. GAE, separately for each stream with a critic: rewards (with V_R) and, for ppo_lag, costs (with V_C)
+        advantages, returns = {}, {}
+        for stream in critics:
+            per_token = rewards if stream == "reward" else costs
+            advantages[stream], returns[stream] = gae(
+                per_token, old_values[stream], answer_mask, args.gamma, args.gae_lambda
+            )
+
+        for model in trained.values():
+            model.train()  # steps 5-7 in training mode: dropout on, and gradient checkpointing active
+        sums = {}  # this rollout's losses and statistics, summed over its update steps
+        for mb in minibatches(len(prompts), args, device):  # update_iters passes over the rollout, shuffled
+            # 5. λ: one update against the constraint's violation over the episode-cost window. The window changes
+            #    once per rollout, but λ moves at every update step, as in the reference's rl_step
+            lagrange_multiplier = multiplier.update(episode_costs)
+
+            # 6. actor: the clipped surrogate on the combined advantage (λ is a number here, not a tensor)
+            advantage = actor_advantages(advantages, mb, lagrange_multiplier)  # (b, T)
+            with autocast:
+                log_probs = answer_log_probs(actor, sequences[mb], attention_mask[mb], P)  # (b, T)
+            loss = actor_loss(log_probs, old_log_probs[mb], advantage, answer_mask[mb], args.clip_range_ratio)
+            losses = {"actor": loss} | backward_actor(actor, loss, ptx_batches, args, device, autocast)  # (+ PTX)
+
+            # 7. critics: the clipped value loss towards the GAE returns, for each stream
+            for stream, critic in critics.items():
+                with autocast:
+                    values = critic(sequences[mb], attention_mask[mb], P)  # (b, T)
+                loss = critic_loss(
+                    values, old_values[stream][mb], returns[stream][mb], answer_mask[mb], args.clip_range_value
+                )
+                loss.backward()
+                losses[f"{stream}_critic"] = loss
+
+            # every rank checks the same all-reduced losses and gradient norms, then every trained model steps
+            step_trained_models(trained, optimizers, losses, args, f"at rollout {rollout}")
+            run.update_step += 1
+            with torch.no_grad():
+                ratio = torch.exp(log_probs.detach() - old_log_probs[mb])
+                clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_range_ratio).float(), answer_mask[mb])
+            stats = {f"loss/{name}": loss.detach() for name, loss in losses.items()} | {"ppo/clipfrac": clipfrac}
+            sums = {name: sums.get(name, 0.0) + value for name, value in stats.items()}
+
+        # ---- log (every number a mean over ranks, written by rank 0); now and then a resumable state ----
+        kl_per_token = old_log_probs - ref_log_probs  # (B, T)
+        metrics = rollout_metrics(rollout, end_rewards, end_costs, kl_per_token, answer_mask, sums, episode_costs, args)
+        metrics |= multiplier.metrics() | {"train/actor_lr": optimizers["actor"][1].get_last_lr()[0]}
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['objective/reward']:.2f}", cost=f"{metrics['objective/cost']:.2f}")
+        if rank == 0 and (rollout % args.logging_steps == 0 or rollout == total_rollouts):
+            log_metrics(run.partial, run.tracker, rollout, metrics)
+        if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
+            save_ppo_state(args, rollout, run, trained, optimizers, multiplier, episode_costs, rank, device)
+    progress.close()
+    save_policy(args, trained, tokenizer, multiplier, total_rollouts, run, rank, device, start_time)
+    critics = {f"{stream}_critic": unwrap(critic) for stream, critic in critics.items()}
+    return {"actor": unwrap(actor), **critics, "lambda": multiplier.value, "metrics": metrics}  # for tests
+
+
+# ---- the loop's helpers ----
+def minibatches(n, args, device):
+    """The update steps of a rollout: update_iters passes over its n samples, each shuffled and cut into minibatches
+    of per_device_train_batch_size."""
+    for _ in range(args.update_iters):
+        yield from torch.randperm(n, device=device).split(args.per_device_train_batch_size)
+
+
+def actor_advantages(advantages, minibatch, lagrange_multiplier):
+    # the actor's advantage on a minibatch: (A^R - λ·A^C) / (1 + λ) with a cost stream (ppo_lag), A^R without one
+    if "cost" not in advantages:
+        return advantages["reward"][minibatch]
+    return combined_advantages(advantages["reward"][minibatch], advantages["cost"][minibatch], lagrange_multiplier)
+
+
+def backward_actor(actor, policy_loss, ptx_batches, args, device, autocast):
+    """The actor's gradient: of the PPO loss, or with --ptx_data of PPO + ptx_coeff × the SFT loss on a batch of SFT
+    data, summed into one optimiser step as the reference does: the PPO backward stays local (no_sync), the PTX
+    backward all-reduces the sum. Returns the PTX loss to log ({} without PTX)."""
+    if ptx_batches is None:
+        policy_loss.backward()
+        return {}
+    with no_sync(actor):
+        policy_loss.backward()
+    batch = {k: v.to(device) for k, v in next(ptx_batches).items()}
+    with autocast:
+        logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ptx_loss = sft_loss_sum(logits, batch["labels"]) / count_answer_tokens(batch["labels"])
+    (args.ptx_coeff * ptx_loss).backward()
+    return {"ptx": ptx_loss}
+
+
+def step_trained_models(trained, optimizers, losses, args, when):
+    """Clip each trained model's gradient norm and take its optimiser step, after every rank has checked the same
+    all-reduced losses and gradient norms: nothing moves if one of them is NaN or infinite."""
+    checked = torch.stack(list(losses.values())).detach()
+    dist.all_reduce(checked)
+    max_norm = args.max_grad_norm or float("inf")
+    grad_norms = {
+        f"grad_norm/{name}": torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        for name, model in trained.items()
+    }
+    check_finite({**{f"loss/{k}": v / args.world_size for k, v in zip(losses, checked.tolist())}, **grad_norms}, when)
+    for optimizer, scheduler in optimizers.values():
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def rollout_metrics(rollout, end_rewards, end_costs, kl, answer_mask, sums, episode_costs, args):
+    """The rollout's numbers, each a mean over ranks (gloo has no AVG: sum, then divide)."""
+    updates = args.update_iters * args.minibatches_per_rollout
+    stats = {
+        "objective/reward": end_rewards.mean(),  # mean R(x, y) of this rollout
+        "objective/cost": end_costs.mean(),  # mean C(x, y) of this rollout
+        "objective/unsafe_rate": (end_costs > 0).float().mean(),  # share of answers the cost model calls unsafe
+        "objective/kl": (kl * answer_mask).sum(-1).mean(),  # Σ_t k_t per answer, k_t = log π_old - log π_ref
+        "objective/answer_length": answer_mask.sum(-1).mean(),  # answer tokens, EOS included
+        **{name: value / updates for name, value in sums.items()},
+        "objective/episode_cost": torch.tensor(list(episode_costs)).mean(),  # J_C, the window's mean raw cost
+    }
+    values = torch.stack([torch.as_tensor(v, device=end_costs.device, dtype=torch.float32) for v in stats.values()])
+    dist.all_reduce(values)
+    return {"rollout": rollout, **dict(zip(stats, (values / args.world_size).tolist()))}
+
+
+# ---- setup for this stage (skip on a first reading) ----
+def check_before_start(args):
+    """Before any work: the output directory (ours to write, no input inside it) and the saved states of a stopped run
+    (what --resume continues from)."""
+    names = "actor_model reward_model cost_model reward_critic_model cost_critic_model prompt_data ptx_data".split()
+    check_output_dir(
+        args.output_dir, args.overwrite_output_dir, "ppo_lagrangian.py", {n: getattr(args, n) for n in names}
+    )
+    return resumable_states(args.output_dir, args.resume, args.overwrite_output_dir)
+
+
+def sampling_config(args, tokenizer):
+    """The rollout's sampling: the full policy at --temperature and --top_p (top_k 0: no cut), the KV cache, and the
+    pad token never sampled (it marks the end of an answer)."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=0,
+        use_cache=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        suppress_tokens=[tokenizer.pad_token_id],
+    )
+
+
+def describe_run(args, prompts_line, ptx_loader, use_bf16, trained):
+    """The start-up line: the variant, the prompts and the rollout budget, the memory of the trained models."""
+    variant = f" ({args.constraint} constraint, d = {args.cost_limit}, λ by {args.lambda_update})"
+    return (
+        f"{args.algorithm}{variant if args.algorithm == 'ppo_lag' else ''}: {prompts_line}, kl_coeff {args.kl_coeff}, "
+        f"PTX {'on' if ptx_loader else 'off'}, bf16 {use_bf16}, {describe_memory(trained.values(), args.fsdp)}"
+    )
+
+
+def load_policy_tokenizer(path):
+    """The SFT model's tokenizer; its pad token must differ from EOS (answers stop at EOS, pad fills after it)."""
+    tokenizer = load_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(f"{args.actor_model}: the tokenizer's pad token must exist and differ from EOS; start from an sft.py checkpoint")
+        raise InputError(
+            f"{path}: the tokenizer's pad token must exist and differ from EOS; start from an sft.py checkpoint"
+        )
+    return tokenizer
+
+
+def load_prompts(args, tokenizer, rank):
+    """The distinct prompts, tokenised with the template (PKU-SafeRLHF repeats prompts across rows: each is used once
+    per pass), and a loader of this rank's prompt batches. A rollout batch larger than the prompt set repeats the
+    prompts within a pass. Returns ((loader, sampler), rollouts to run, the start-up line's words on them)."""
     prompts = []
     for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise InputError(f"{where(args.prompt_data, row_number)}, field 'prompt': " + ("missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"))
+            found = "missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"
+            raise InputError(f"{where(args.prompt_data, row_number)}, field 'prompt': {found}")
         prompts.append(row["prompt"])
-    distinct_prompts = list(dict.fromkeys(prompts))  # PKU-SafeRLHF repeats prompts across rows: each is used once per pass
-    all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct_prompts]
+    distinct = list(dict.fromkeys(prompts))
+    all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct]
     prompt_ids = [ids for ids in all_prompt_ids if len(ids) < args.max_length]
     if not prompt_ids:
-        raise InputError(f"{args.prompt_data}: no usable prompts (every one is at least --max_length {args.max_length} tokens)")
+        raise InputError(
+            f"{args.prompt_data}: no usable prompts (every one is at least --max_length {args.max_length} tokens)"
+        )
     copies = math.ceil(args.rollout_batch_size / len(prompt_ids))
-    if copies > 1 and rank == 0:  # a rollout batch larger than the prompt set: each pass holds every prompt `copies` times
-        logging.warning(f"{args.prompt_data}: {len(prompt_ids)} distinct prompts, fewer than one rollout batch ({args.rollout_batch_size} "
-                        f"answers): each prompt is answered {copies} times per pass")
-    prompt_ids = prompt_ids * copies
-    ptx_examples = []
-    if args.ptx_data:
-        ptx_examples, _ = sft_examples(tokenizer, sft_rows(load_rows(args.ptx_data, args.ptx_split), args.ptx_data), args.max_length)
-        if len(ptx_examples) < args.per_device_train_batch_size * args.world_size:
-            raise InputError(f"{args.ptx_data}: too few usable rows for one PTX batch")
+    if (
+        copies > 1 and rank == 0
+    ):  # a rollout batch larger than the prompt set: each pass holds every prompt `copies` times
+        logging.warning(
+            f"{args.prompt_data}: {len(prompt_ids)} distinct prompts, fewer than one rollout batch "
+            f"({args.rollout_batch_size} answers): each prompt is answered {copies} times per pass"
+        )
+    sampler = DistributedSampler(prompt_ids * copies, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(
+        prompt_ids * copies,
+        batch_size=args.per_device_prompt_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=list,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    total_rollouts = args.max_steps if args.max_steps > 0 else len(loader) * args.epochs
+    updates = total_rollouts * args.update_iters * args.minibatches_per_rollout
+    line = (
+        f"{len(distinct)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids)} dropped: "
+        f"not shorter than max_length), world size {args.world_size}, {args.rollout_batch_size} answers per "
+        f"rollout, {total_rollouts} rollouts: each prompt answered "
+        f"{total_rollouts * args.rollout_batch_size / len(prompt_ids):.1f} times "
+        f"({total_rollouts / len(loader):.2f} passes), {updates} update steps"
+    )
+    return (loader, sampler), total_rollouts, line
 
-    # ---- the six models ----
+
+def load_ptx_data(args, tokenizer):
+    """The PTX loader of SFT examples (--ptx_data), one batch per update step; None without it."""
+    if not args.ptx_data:
+        return None
+    examples, _ = sft_examples(
+        tokenizer, sft_rows(load_rows(args.ptx_data, args.ptx_split), args.ptx_data), args.max_length
+    )
+    if len(examples) < args.per_device_train_batch_size * args.world_size:
+        raise InputError(f"{args.ptx_data}: too few usable rows for one PTX batch")
+    sampler = DistributedSampler(examples, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(
+        examples,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    return loader, sampler
+
+
+def endless(loader, sampler, skip):
+    """The batches of a DataLoader, pass after pass, each pass shuffled anew; the first SKIP left out (used already
+    by the run a resume continues)."""
+    for _, batch in passes(loader, sampler, len(loader), skip):
+        yield batch
+
+
+def load_models(args, tokenizer, device, use_bf16):
+    """The six models, checked: the actor (trained) and the reference (frozen) from the SFT checkpoint, the reward
+    and cost models (frozen; a swapped or foreign pair is refused), the critics (trained) from the score models:
+    {"reward": V_R} for ppo and reward_shaping, {"reward": V_R, "cost": V_C} for ppo_lag. The frozen models in bf16
+    where bf16 is used; the trained ones in fp32, under DDP or FSDP2."""
     for name in ("reward_model", "cost_model", "reward_critic_model", "cost_critic_model"):
         path = getattr(args, name) or None
         if path and load_pretrained(AutoTokenizer, path).get_vocab() != tokenizer.get_vocab():
-            raise InputError(f"{path}: its tokenizer differs from the actor's ({args.actor_model}); train the score models from the same SFT model")
+            raise InputError(
+                f"{path}: its tokenizer differs from the actor's ({args.actor_model}); train the score "
+                "models from the same SFT model"
+            )
+    frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    def frozen(model_class, path):
+        return load_pretrained(model_class, path, dtype=frozen_dtype).requires_grad_(False).eval()
+
     actor = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=torch.float32)
-    reference = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=frozen_dtype).requires_grad_(False).eval()
-    reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model, dtype=frozen_dtype).requires_grad_(False).eval()
-    cost_model = load_pretrained(AutoModelForSequenceClassification, args.cost_model, dtype=frozen_dtype).requires_grad_(False).eval()
+    reference = frozen(AutoModelForCausalLM, args.actor_model)
+    reward_model = frozen(AutoModelForSequenceClassification, args.reward_model)
+    cost_model = frozen(AutoModelForSequenceClassification, args.cost_model)
     if len(tokenizer) > actor.get_input_embeddings().num_embeddings:
-        raise InputError(f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start from an sft.py checkpoint")
+        raise InputError(
+            f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start "
+            "from an sft.py checkpoint"
+        )
     if getattr(actor.config, "objective", None):  # written by preference_model.py: a score model, not a policy
-        raise InputError(f"{args.actor_model}: this is a {actor.config.objective} model, not a policy; give the SFT model as --actor_model")
-    for score_model, expected, path in ((reward_model, "reward", args.reward_model), (cost_model, "cost", args.cost_model)):
-        objective = getattr(score_model.config, "objective", None)
-        if objective != expected:  # a swapped or foreign model would train towards harm: the cost sign is easy to flip
-            raise InputError(f"{path}: " + (f"this is a {objective} model" if objective else "its config has no 'objective' (preference_model.py "
-                             f"writes it; for a model from elsewhere add \"objective\": \"{expected}\" to its config.json)") + f", but it was given as the {expected} model")
-    reward_critic = Critic(load_pretrained(AutoModelForSequenceClassification, args.reward_critic_model or args.reward_model, dtype=torch.float32))
-    cost_critic = Critic(load_pretrained(AutoModelForSequenceClassification, args.cost_critic_model or args.cost_model, dtype=torch.float32)) if use_lagrangian else None
-    trained_backbones = [actor, reward_critic.score_model] + ([cost_critic.score_model] if use_lagrangian else [])
+        raise InputError(
+            f"{args.actor_model}: this is a {actor.config.objective} model, not a policy; give the SFT "
+            "model as --actor_model"
+        )
+    for score_model, expected, path in (
+        (reward_model, "reward", args.reward_model),
+        (cost_model, "cost", args.cost_model),
+    ):
+        check_objective(getattr(score_model.config, "objective", None), expected, path)
+    critics = {"reward": args.reward_critic_model or args.reward_model}
+    if args.algorithm == "ppo_lag":
+        critics["cost"] = args.cost_critic_model or args.cost_model
+    critics = {
+        stream: Critic(load_pretrained(AutoModelForSequenceClassification, path, dtype=torch.float32))
+        for stream, path in critics.items()
+    }
+    trained_backbones = [actor] + [critic.score_model for critic in critics.values()]
     for model in trained_backbones + [reference, reward_model, cost_model]:
         model.config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         for model in trained_backbones:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # the trained models under DDP (or sharded with --fsdp); the frozen ones bare (or sharded too with --fsdp)
-    actor, reward_critic = wrap_model(actor, device, args.fsdp, use_bf16), wrap_model(reward_critic, device, args.fsdp, use_bf16)
-    cost_critic = wrap_model(cost_critic, device, args.fsdp, use_bf16) if use_lagrangian else None
-    reference, reward_model, cost_model = (wrap_model(m, device, args.fsdp, use_bf16, trained=False) for m in (reference, reward_model, cost_model))
-    trained = [actor, reward_critic] + ([cost_critic] if use_lagrangian else [])
+    actor = wrap_trained_model(actor, device, args.fsdp, use_bf16)
+    critics = {stream: wrap_trained_model(critic, device, args.fsdp, use_bf16) for stream, critic in critics.items()}
+    reference, reward_model, cost_model = (
+        wrap_frozen_model(model, device, args.fsdp, use_bf16) for model in (reference, reward_model, cost_model)
+    )
+    return actor, reference, reward_model, cost_model, critics
 
-    # ---- optimisers: AdamW for the actor and the critics, SGD on log λ ----
-    sampler = DistributedSampler(prompt_ids, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(prompt_ids, batch_size=args.per_device_prompt_batch_size, sampler=sampler, drop_last=True, collate_fn=list,
-                        generator=torch.Generator().manual_seed(args.seed))  # its own generator: a resume's skipping leaves the global one alone
-    total_rollouts = args.max_steps if args.max_steps > 0 else len(loader) * args.epochs
-    total_updates = total_rollouts * args.update_iters * args.minibatches_per_rollout
 
-    def adamw(model, lr, weight_decay, schedule, warmup_ratio):
-        groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},  # no decay on norms and biases
-                  {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+def ppo_optimizers(trained, args, total_updates):
+    """{name: (AdamW, schedule)} for the actor (actor_* flags) and the critics (critic_* flags); no decay on norms
+    and biases."""
+    optimizers = {}
+    for name, model in trained.items():
+        role = "actor" if name == "actor" else "critic"
+        lr, decay, schedule, warmup = (
+            getattr(args, f"{role}_{key}") for key in ("lr", "weight_decay", "lr_scheduler", "lr_warmup_ratio")
+        )
+        groups = [
+            {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": decay},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
-        return optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_updates), num_training_steps=total_updates)
+        scheduler = get_scheduler(
+            schedule, optimizer, num_warmup_steps=math.ceil(warmup * total_updates), num_training_steps=total_updates
+        )
+        optimizers[name] = (optimizer, scheduler)
+    return optimizers
 
-    actor_optimizer, actor_scheduler = adamw(actor, args.actor_lr, args.actor_weight_decay, args.actor_lr_scheduler, args.actor_lr_warmup_ratio)
-    critic_adamw = lambda critic: adamw(critic, args.critic_lr, args.critic_weight_decay, args.critic_lr_scheduler, args.critic_lr_warmup_ratio)
-    reward_critic_optimizer, reward_critic_scheduler = critic_adamw(reward_critic)
-    cost_critic_optimizer, cost_critic_scheduler = critic_adamw(cost_critic) if use_lagrangian else (None, None)
-    log_lambda = torch.tensor(math.log(args.lambda_init), device=device, requires_grad=True)  # λ = exp(log λ) > 0
-    lambda_optimizer = torch.optim.SGD([log_lambda], lr=args.lambda_lr)
-    lagrange_multiplier = args.lambda_init
-    pid_integral, previous_violation = args.lambda_init / args.pid_ki if args.pid_ki else 0.0, None  # the PID's state: λ starts at λ_init
-    episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last raw episode costs C(x, y)
-    prompt_batches = endless(loader, sampler)
-    if ptx_examples:
-        ptx_sampler = DistributedSampler(ptx_examples, shuffle=True, seed=args.seed, drop_last=True)
-        ptx_batches = endless(DataLoader(ptx_examples, batch_size=args.per_device_train_batch_size, sampler=ptx_sampler, drop_last=True,
-                                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id), generator=torch.Generator().manual_seed(args.seed)), ptx_sampler)
 
-    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise InputError(f"--resume: no saved state (checkpoint-N) in {args.output_dir}.partial to resume from")
-    partial = start_output_dir(args.output_dir, args.resume) if rank == 0 else None
+def start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, episode_costs):
+    """The run's bookkeeping: OUTPUT_DIR.partial (locked), the tracker, and the rollouts and update steps done (the
+    prompts and PTX batches used). With --resume the saved state is put back: the models, their optimisers and
+    schedules, λ's state, the episode-cost window and the generators."""
+    partial, lock = start_output_dir(args.output_dir, args.resume, rank)
     tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
-    if rank == 0:
-        print(f"{args.algorithm}" + (f" ({args.constraint} constraint, d = {args.cost_limit}, λ by {args.lambda_update})" if use_lagrangian else "")
-              + f": {len(distinct_prompts)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids) // copies} dropped: "
-              f"not shorter than max_length), world size {args.world_size}, {args.rollout_batch_size} answers per rollout, "
-              f"{total_rollouts} rollouts: each prompt answered {total_rollouts * args.rollout_batch_size / (len(prompt_ids) // copies):.1f} times "
-              f"({total_rollouts / len(loader):.2f} passes), {total_updates} update steps, "
-              f"kl_coeff {args.kl_coeff}, PTX {'on' if ptx_examples else 'off'}, bf16 {use_bf16}, {'FSDP' if args.fsdp else 'DDP'}: "
-              f"{trained_state_bytes(trained) / 2**30:.2f} GiB of weights, gradients and AdamW states of the trained models per rank")
-
-    def save():
-        """The actor (and with --save_critics the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR. Every rank
-        calls it (under FSDP the weights are gathered from the shards); rank 0 writes. No model with a NaN or infinite
-        weight is ever saved."""
-        check_finite_weights(trained, device)
-        critics = [(name, critic) for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)) if critic is not None and args.save_critics]
-        save_model(unwrap(actor), partial, rank)
-        for name, critic in critics:  # (partial is None on ranks > 0: they only send their shards)
-            save_model(unwrap(critic).score_model, partial and partial / name, rank)
-        if rank == 0:
-            for directory in [partial] + [partial / name for name, _ in critics]:
-                tokenizer.save_pretrained(directory)
-            (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-            (partial / "training_state.json").write_text(json.dumps({"rollouts": total_rollouts, "lambda": lagrange_multiplier}, indent=2))
-            finish_output_dir(partial, args.output_dir)
-
-    # --resume: the models, their optimisers and schedules, λ, the episode-cost window, the data position and the generators
-    trained_states = {"actor": (actor, actor_optimizer), "reward_critic": (reward_critic, reward_critic_optimizer)} | (
-        {"cost_critic": (cost_critic, cost_critic_optimizer)} if use_lagrangian else {})
-    schedulers = [actor_scheduler, reward_critic_scheduler] + ([cost_critic_scheduler] if use_lagrangian else [])
-    start_rollout, update_step = 0, 0
-    if checkpoint:
-        saved = load_state(checkpoint, trained_states, rank)
-        start_rollout, update_step, lagrange_multiplier = saved["rollout"], saved["update_step"], saved["lagrange_multiplier"]
-        pid_integral, previous_violation = saved.get("pid_integral", pid_integral), saved.get("previous_violation")
-        log_lambda.data.fill_(saved["log_lambda"])
+    run = SimpleNamespace(partial=partial, lock=lock, tracker=tracker, rollout=0, update_step=0)
+    if saved_states:
+        modules = {name: (model, optimizers[name][0]) for name, model in trained.items()}
+        _, saved = load_state(saved_states, args, modules, rank)
+        multiplier.load_state_dict(saved["multiplier"])
         episode_costs.extend(saved["episode_costs"])
-        for scheduler, state in zip(schedulers, saved["schedulers"]):
+        for (_, scheduler), state in zip(optimizers.values(), saved["schedulers"]):
             scheduler.load_state_dict(state)
-        for _ in range(start_rollout):  # the prompts already rolled out (the loaders draw from their own generators)
-            next(prompt_batches)
-        for _ in range(update_step if ptx_examples else 0):
-            next(ptx_batches)
-        if rank == 0:  # the metrics of the rollouts after the saved state are written again
-            lines = (partial / "metrics.jsonl").read_text().splitlines() if (partial / "metrics.jsonl").exists() else []
-            (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["rollout"] <= start_rollout))
+        run.rollout, run.update_step = saved["rollout"], saved["update_step"]
+        if rank == 0:
+            trim_metrics(partial, "rollout", run.rollout)
+    return run
 
-    # ---- training loop: one iteration per rollout batch ----
-    progress = tqdm(total=total_rollouts, initial=start_rollout, desc=args.algorithm, disable=rank != 0)
-    start_time = time.time()
-    for rollout in range(start_rollout + 1, total_rollouts + 1):
-        prompt_batch = next(prompt_batches)  # this rank's prompts, token ids
-        for model in trained:
-            model.eval()  # steps 1-2 in eval mode, as the reference: no dropout, and the KV cache is allowed
 
-        # 1. rollout: sample y ~ π_θ(·|x) for each prompt x of this rank's batch, and the log-probs of π_old. Under FSDP
-        #    the actor's weights are gathered once for both, not once per generated token (see gathered()).
-        max_new_tokens = min(args.max_new_tokens, args.max_length - max(map(len, prompt_batch)))
-        with gathered(actor), torch.no_grad(), autocast:
-            sequences, attention_mask, prompt_length = generate_answers(unwrap(actor), tokenizer, prompt_batch, max_new_tokens, args.temperature, args.top_p)  # (B, P+T)
-            old_log_probs = answer_log_probs(unwrap(actor), sequences, attention_mask, prompt_length)  # (B, T)
-        answer_mask = attention_mask[:, prompt_length:].float()  # (B, T) 1 on answer tokens up to and including EOS
+def save_ppo_state(args, rollout, run, trained, optimizers, multiplier, episode_costs, rank, device):
+    """A resumable state (OUTPUT_DIR.partial/checkpoint-N): the trained models and their optimisers, and per rank
+    the counters, schedules, λ's state and the episode-cost window. Never a non-finite model."""
+    check_finite_weights(trained.values(), device)
+    state = {
+        "rollout": rollout,
+        "update_step": run.update_step,
+        "multiplier": multiplier.state_dict(),
+        "episode_costs": list(episode_costs),
+        "schedulers": [s.state_dict() for _, s in optimizers.values()],
+    }
+    modules = {name: (model, optimizers[name][0]) for name, model in trained.items()}
+    save_state(args.output_dir, rollout, modules, state, args, rank)
 
-        # 2. scores: R(x, y) and C(x, y) at the EOS; log-probs of π_ref; values of both critics
-        with torch.no_grad(), autocast:
-            end_rewards = end_scores(reward_model, sequences, attention_mask)  # (B,)
-            end_costs = end_scores(cost_model, sequences, attention_mask)  # (B,)
-            ref_log_probs = answer_log_probs(reference, sequences, attention_mask, prompt_length)  # (B, T)
-            old_reward_values = unwrap(reward_critic)(sequences, attention_mask, prompt_length)  # (B, T)
-            old_cost_values = unwrap(cost_critic)(sequences, attention_mask, prompt_length) if use_lagrangian else None  # (B, T)
-        episode_costs.extend(end_costs.tolist())  # the raw C(x, y): J_C is the expected cost, without KL or clipping
 
-        # 3. per-token rewards and costs with the split KL penalty
-        end_rewards_to_learn = shaped_end_rewards(end_rewards, end_costs, args.lambda_init) if args.algorithm == "reward_shaping" else end_rewards
-        rewards = kl_penalized_rewards(end_rewards_to_learn, old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)  # (B, T)
-        # 4. GAE, separately for rewards and costs
-        reward_advantages, reward_returns = gae(rewards, old_reward_values, answer_mask, args.gamma, args.gae_lambda)  # (B, T) each
-        if use_lagrangian:
-            end_costs_to_learn = rectified_costs(end_costs, args.cost_limit) if args.constraint == "rectified" else end_costs
-            costs = kl_penalized_costs(end_costs_to_learn, old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)  # (B, T)
-            cost_advantages, cost_returns = gae(costs, old_cost_values, answer_mask, args.gamma, args.gae_lambda)  # (B, T) each
-
-        for model in trained:
-            model.train()  # steps 5-7 in training mode: dropout on, and gradient checkpointing active
-        sums = {}  # this rollout's losses and statistics, summed over its update steps
-        for _ in range(args.update_iters):
-            for minibatch in torch.randperm(len(prompt_batch), device=device).split(args.per_device_train_batch_size):
-                # 5. Lagrange multiplier. J_C = the window's mean episode cost and g its constraint violation, each
-                #    averaged over ranks (gloo has no AVG: sum, then divide), so λ moves alike on every rank. The window
-                #    changes only once per rollout, but g is recomputed at every update step, as in the reference's rl_step.
-                window = torch.tensor(list(episode_costs), device=device)
-                cost_and_violation = torch.stack([window.mean(), constraint_violation(window, args.cost_limit, args.constraint)])
-                dist.all_reduce(cost_and_violation)
-                mean_episode_cost, violation = cost_and_violation / args.world_size
-                if use_lagrangian and update_step >= args.lambda_update_delay_steps:
-                    if args.lambda_update == "sgd":
-                        lagrange_multiplier = update_lagrange_multiplier(log_lambda, lambda_optimizer, violation, args.lambda_max)
-                    else:
-                        previous_violation = violation.item() if previous_violation is None else previous_violation
-                        lagrange_multiplier, pid_integral = pid_lagrange_multiplier(violation.item(), previous_violation, pid_integral, args.pid_kp,
-                                                                                    args.pid_ki, args.pid_kd, args.lambda_max)
-                        previous_violation = violation.item()
-
-                # 6. actor: clipped surrogate on the combined advantage (λ is a number here, not a tensor)
-                mb_sequences, mb_attention_mask, mb_answer_mask = sequences[minibatch], attention_mask[minibatch], answer_mask[minibatch]
-                advantages = reward_advantages[minibatch]  # (b, T)
-                if use_lagrangian:
-                    advantages = combined_advantages(advantages, cost_advantages[minibatch], lagrange_multiplier)
-                with autocast:
-                    log_probs = answer_log_probs(actor, mb_sequences, mb_attention_mask, prompt_length)  # (b, T)
-                    policy_loss = actor_loss(log_probs, old_log_probs[minibatch], advantages, mb_answer_mask, args.clip_range_ratio)
-                losses = {"actor": policy_loss}
-                if ptx_examples:
-                    # one optimiser step on the summed gradients: the PPO backward stays local (no_sync), the PTX
-                    # backward all-reduces the sum, PPO gradient + ptx_coeff × SFT gradient
-                    with no_sync(actor):
-                        policy_loss.backward()
-                    ptx_batch = {k: v.to(device) for k, v in next(ptx_batches).items()}
-                    with autocast:
-                        ptx_logits = actor(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]).logits
-                        losses["ptx"] = sft_loss_sum(ptx_logits, ptx_batch["labels"]) / count_answer_tokens(ptx_batch["labels"])
-                    (args.ptx_coeff * losses["ptx"]).backward()
-                else:
-                    policy_loss.backward()
-
-                # 7. critics: clipped value losses towards the GAE returns
-                with autocast:
-                    reward_values = reward_critic(mb_sequences, mb_attention_mask, prompt_length)  # (b, T)
-                    losses["reward_critic"] = critic_loss(reward_values, old_reward_values[minibatch], reward_returns[minibatch], mb_answer_mask, args.clip_range_value)
-                losses["reward_critic"].backward()
-                if use_lagrangian:
-                    with autocast:
-                        cost_values = cost_critic(mb_sequences, mb_attention_mask, prompt_length)  # (b, T)
-                        losses["cost_critic"] = critic_loss(cost_values, old_cost_values[minibatch], cost_returns[minibatch], mb_answer_mask, args.clip_range_value)
-                    losses["cost_critic"].backward()
-
-                # every rank checks the same all-reduced losses and gradient norms before any weight moves
-                checked = torch.stack(list(losses.values())).detach()
-                dist.all_reduce(checked)
-                updates = [(name, model, optimizer, scheduler) for name, model, optimizer, scheduler in (
-                    ("actor", actor, actor_optimizer, actor_scheduler), ("reward_critic", reward_critic, reward_critic_optimizer, reward_critic_scheduler),
-                    ("cost_critic", cost_critic, cost_critic_optimizer, cost_critic_scheduler)) if model is not None]
-                grad_norms = {f"grad_norm/{name}": torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")).item()
-                              for name, model, _, _ in updates}
-                check_finite({**{f"loss/{k}": v / args.world_size for k, v in zip(losses, checked.tolist())}, **grad_norms}, f"at rollout {rollout}")
-                for _, _, optimizer, scheduler in updates:
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                update_step += 1
-                with torch.no_grad():
-                    ratio = torch.exp(log_probs.detach() - old_log_probs[minibatch])
-                    clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_range_ratio).float(), mb_answer_mask)
-                for name, value in [(f"loss/{k}", v.detach()) for k, v in losses.items()] + [("ppo/clipfrac", clipfrac)]:
-                    sums[name] = sums.get(name, 0.0) + value
-
-        # ---- logging: every number is all-reduced (a mean over ranks) and written by rank 0 ----
-        updates = args.update_iters * args.minibatches_per_rollout
-        stats = {
-            "objective/reward": end_rewards.mean(),  # mean R(x, y) of this rollout
-            "objective/cost": end_costs.mean(),  # mean C(x, y) of this rollout
-            "objective/unsafe_rate": (end_costs > 0).float().mean(),  # share of answers the cost model calls unsafe
-            "objective/kl": ((old_log_probs - ref_log_probs) * answer_mask).sum(-1).mean(),  # Σ_t k_t per answer
-            "objective/answer_length": answer_mask.sum(-1).mean(),  # answer tokens, EOS included
-            **{name: value / updates for name, value in sums.items()},
-        }
-        values = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float32) for v in stats.values()])
-        dist.all_reduce(values)
-        metrics = {"rollout": rollout, **dict(zip(stats, (values / args.world_size).tolist())),
-                   "objective/episode_cost": mean_episode_cost.item(), "lagrange/violation": violation.item(), "train/actor_lr": actor_scheduler.get_last_lr()[0]}
-        if args.algorithm != "ppo":
-            metrics["lagrange/lambda"] = lagrange_multiplier
-        progress.update(1)
-        progress.set_postfix(reward=f"{metrics['objective/reward']:.2f}", cost=f"{metrics['objective/cost']:.2f}",
-                             **({"lambda": f"{lagrange_multiplier:.3f}"} if args.algorithm != "ppo" else {}))
-        if rank == 0 and (rollout % args.logging_steps == 0 or rollout == total_rollouts):
-            log_metrics(partial, tracker, rollout, metrics)
-        if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
-            check_finite_weights(trained, device)
-            save_state(args.output_dir, rollout, trained_states, {
-                "rollout": rollout, "update_step": update_step, "log_lambda": log_lambda.item(), "lagrange_multiplier": lagrange_multiplier,
-                "pid_integral": pid_integral, "previous_violation": previous_violation,
-                "episode_costs": list(episode_costs), "schedulers": [scheduler.state_dict() for scheduler in schedulers]}, rank)
-    progress.close()
-
-    # ---- save ----
+def save_policy(args, trained, tokenizer, multiplier, rollouts, run, rank, device, start_time):
+    """The actor (and with --save_critics the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR. Every
+    rank takes part (under FSDP the weights are gathered from the shards); rank 0 writes. No model with a NaN or
+    infinite weight is ever saved."""
+    check_finite_weights(trained.values(), device)
+    critics = {name: model for name, model in trained.items() if name != "actor" and args.save_critics}
+    save_model(unwrap(trained["actor"]), run.partial, rank)
+    for name, critic in critics.items():  # (run.partial is None on ranks > 0: they only send their shards)
+        save_model(unwrap(critic).score_model, run.partial and run.partial / name, rank)
     if rank == 0:
-        stop_tracker(tracker)
-    save()
-    if rank == 0:
-        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if device.type == "cuda" else ")"))
+        stop_tracker(run.tracker)
+        for directory in [run.partial] + [run.partial / name for name in critics]:
+            tokenizer.save_pretrained(directory)
+        write_args(run.partial, args, "ppo_lagrangian.py")
+        training_state = {"rollouts": rollouts, "lambda": multiplier.value}
+        (run.partial / "training_state.json").write_text(json.dumps(training_state, indent=2))
+        finish_output_dir(run.partial, args.output_dir, run.lock)
+        memory = (
+            f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        )
+        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s{memory})")
     dist.barrier()
     dist.destroy_process_group()
-    return {"actor": unwrap(actor), "reward_critic": unwrap(reward_critic), "cost_critic": unwrap(cost_critic) if use_lagrangian else None,
-            "lambda": lagrange_multiplier, "metrics": metrics}  # for tests
 
 
 # ---- plumbing shared by the four scripts (tests/test_shared_code.py: a name defined in several has the same code) ----
@@ -655,8 +932,24 @@ def parse_args(args_class):
     """The Args dataclass from the command line, Hugging Face style: `--name value`, `--flag` / `--no_flag`, the
     help of each flag from its field, the module docstring as the description of `--help`."""
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    parser = HfArgumentParser(args_class, description=sys.modules[args_class.__module__].__doc__, formatter_class=formatter)
+    description = sys.modules[args_class.__module__].__doc__
+    parser = HfArgumentParser(args_class, description=description, formatter_class=formatter)
     return parser.parse_args_into_dataclasses()[0]
+
+
+def require(args, names, ok, allowed):
+    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag."""
+    for name in names.split():
+        if not ok(getattr(args, name)):
+            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+
+
+def require_finite(args):
+    """Every float argument a number: NaN would pass every range check above unnoticed (NaN > 0 is False, so is
+    NaN <= 0), and infinity is no learning rate, limit or coefficient."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name} {value}: must be a finite number")
 
 
 def setup_distributed():
@@ -673,99 +966,286 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def require(args, names, ok, allowed):
-    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag and its range."""
-    for name in names.split():
-        if not ok(getattr(args, name)):
-            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+def mixed_precision(enabled, device):
+    """bf16 autocast where asked for and supported (CUDA with bf16), else fp32: (bf16 used?, the autocast context)."""
+    use_bf16 = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return use_bf16, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def check_output_dir(output_dir, inputs):
-    """Before any work: refuse an output directory that is a file, lies in an unwritable place, or is, contains or lies
-    inside one of the local inputs (finishing the run would replace that input)."""
+def sibling(output_dir, suffix):
+    """OUTPUT_DIR.partial (the run's working directory) or OUTPUT_DIR.old, beside OUTPUT_DIR. The path is resolved
+    first, so that `.`, `..` or a trailing slash name the directory itself."""
     output = Path(output_dir).resolve()
-    if output.is_file():
-        raise InputError(f"--output_dir {output_dir}: an existing file; give a directory")
+    return output.with_name(output.name + suffix)
+
+
+def finished_by(directory):
+    """The script whose finished output DIRECTORY is (the "script" its args.json names), or None."""
+    try:
+        return json.loads((Path(directory) / "args.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_locked(lock_file):
+    """Whether a live process holds the run lock on LOCK_FILE (a killed process's lock dies with it)."""
+    with open(lock_file, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return False
+
+
+def check_output_dir(output_dir, overwrite, script, inputs):
+    """Before any work, on every rank, reading only: OUTPUT_DIR must be a place this run may write and, at the end,
+    replace. Refused: a file, a path under a file, an unwritable place, the current directory or one that holds it,
+    a directory that is, holds or lies inside a local input (INPUTS: {flag: path}); an existing non-empty directory
+    that is not a finished output of SCRIPT, unless --overwrite_output_dir; an OUTPUT_DIR.partial that another live
+    run is writing, or one this code did not make (no .lock in it), unless --overwrite_output_dir."""
+    output, flag = Path(output_dir).resolve(), f"--output_dir {output_dir}"
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if existing.is_file():
+        raise InputError(f"{flag}: {existing} is a file" + ("; give a directory" if existing == output else ""))
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"{flag}: {existing} is not writable")
+    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
+        raise InputError(f"{flag}: is the current directory or holds it; give a directory of its own")
     for name, value in inputs.items():
         source = Path(value).resolve() if value else None
         if source and source.exists() and (output == source or source in output.parents or output in source.parents):
-            raise InputError(f"--output_dir {output_dir}: is, contains or lies inside the input --{name} {value}; finishing would replace it")
-    existing = next(path for path in (output, *output.parents) if path.exists())
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
+            raise InputError(f"{flag}: is, holds or lies inside the input --{name} {value}; finishing would replace it")
+    if output.is_dir() and any(output.iterdir()) and finished_by(output) != script and not overwrite:
+        raise InputError(
+            f"{flag}: exists and is not a finished output of {script} (its args.json would say so), so this run will "
+            "not replace it; give a new directory, or --overwrite_output_dir to replace it and everything in it"
+        )
+    partial = sibling(output_dir, ".partial")
+    if (partial / ".lock").is_file() and is_locked(partial / ".lock"):
+        raise InputError(f"{flag}: another run is writing it (it holds the lock on {partial}); wait for it to end")
+    if partial.exists() and not (partial / ".lock").is_file() and not overwrite:
+        raise InputError(
+            f"{flag}: {partial} exists but was not made by these scripts (no .lock in it); remove it, or give "
+            "--overwrite_output_dir to let this run empty it"
+        )
+
+
+def resumable_states(output_dir, resume, overwrite):
+    """The saved states OUTPUT_DIR.partial/checkpoint-N of a stopped run, newest first: what --resume continues from
+    ([] without --resume). Saved states are never dropped silently: a run without --resume that finds some is refused,
+    unless --overwrite_output_dir."""
+    partial = sibling(output_dir, ".partial")
+    states = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]), reverse=True)
+    if resume and not states:
+        raise InputError(f"--resume: no saved state (checkpoint-N) in {partial} to resume from")
+    if states and not resume and not overwrite:
+        raise InputError(
+            f"{partial} holds the saved states {', '.join(path.name for path in states)} of a stopped run: pass "
+            "--resume to continue it, or --overwrite_output_dir to start over"
+        )
+    return states if resume else []
+
+
+def start_output_dir(output_dir, resume, rank):
+    """Every rank calls it; rank 0 makes OUTPUT_DIR.partial, the run's working directory, and holds a lock on its
+    .lock file until the run ends: a second run into the same output is refused, and a killed run's lock dies with
+    it. Without --resume the directory is emptied of a stopped run's files. A final swap that a kill interrupted
+    (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone. Returns (OUTPUT_DIR.partial, the lock) on rank 0, else Nones."""
+    partial, old, output = sibling(output_dir, ".partial"), sibling(output_dir, ".old"), Path(output_dir).resolve()
+    lock, message = None, [None]
+    if rank == 0:
+        partial.mkdir(parents=True, exist_ok=True)
+        lock = open(partial / ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message[0] = f"--output_dir {output_dir}: another run is writing it (it holds the lock on {partial})"
+    dist.broadcast_object_list(message, src=0)  # every rank stops alike, or none does
+    if message[0]:
+        raise InputError(message[0])
+    if rank != 0:
+        return None, None
+    if old.exists() and not output.exists():
+        old.rename(output)
+    for path in [] if resume else [path for path in partial.iterdir() if path.name != ".lock"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return partial, lock
+
+
+def finish_output_dir(partial, output_dir, lock):
+    """Rank 0: swap the finished directory in with renames, so OUTPUT_DIR is never half-written, then let go of the
+    lock. The resumable states (checkpoint-N) are not part of the finished output."""
+    for checkpoint in partial.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    output, old = Path(output_dir).resolve(), sibling(output_dir, ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output.exists():
+        output.rename(old)
+    partial.rename(output)
+    (output / ".lock").unlink()
+    lock.close()
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_args(directory, args, script):
+    """args.json: every argument, and the script that wrote the directory (what makes it a finished output)."""
+    (directory / "args.json").write_text(json.dumps({"script": script, **dataclasses.asdict(args)}, indent=2))
 
 
 def check_finite(values, when):
-    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or infinite."""
+    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or
+    infinite."""
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
-        raise InputError(f"{', '.join(bad)} became NaN or infinite {when} ({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); stopped before the update, and OUTPUT_DIR was "
-                         "left as it was. Lower the learning rate, or check the data and the models")
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        raise InputError(
+            f"{', '.join(bad)} became NaN or infinite {when} ({numbers}); stopped before the update, and OUTPUT_DIR "
+            "was left as it was. Lower the learning rate, or check the data and the models"
+        )
 
 
 def check_finite_weights(models, device):
     """Every rank counts its (shards of) weights that hold a NaN or an infinity; a model is saved only if none does."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  an FSDP shard: this rank's part
-    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())), device=device)
+
+    def local(parameter):  # an FSDP shard: this rank's part
+        return parameter.to_local() if hasattr(parameter, "to_local") else parameter
+
+    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())))
+    bad = bad.to(device)
     dist.all_reduce(bad)
     if bad.item():
-        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was left as it was")
+        raise InputError(
+            f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was "
+            "left as it was"
+        )
 
 
 def load_rows(source, split):
-    """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
-    data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
+    """Rows (dicts) of a data set: a local .jsonl file, read here line by line so that an error names its line; a
+    local .json/.parquet/.csv file or a hub data set NAME[@REVISION], read by `datasets.load_dataset`. A field that a
+    row lacks is missing or None."""
     import datasets
-    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(source).suffix)
-    if builder and not Path(source).is_file():
+
+    path = Path(source)
+    builder = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix.lower())
+    if builder and not path.is_file():
         raise InputError(f"{source}: no such file")
-    if not builder and Path(source).exists():
-        raise InputError(f"{source}: unknown format; give a .json, .jsonl, .parquet or .csv file, or a hub data set NAME[@REVISION]")
-    if builder and Path(source).stat().st_size == 0:
+    if not builder and path.exists():
+        raise InputError(f"{source}: unknown format; give a .jsonl, .json, .parquet or .csv file, or a hub data set")
+    if builder and path.stat().st_size == 0:
         raise InputError(f"{source}: no rows (the file is empty)")
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
-    name, _, revision = source.partition("@")
-    try:
-        if builder:
-            dataset = datasets.load_dataset(builder, data_files=source, split="train")
-        else:
-            dataset = datasets.load_dataset(name, split=split, revision=revision or None)
-        rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
-    except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
-        cause = error.__cause__ or error
-        raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
+    if builder == "jsonl":
+        rows = read_jsonl(path)
+    else:
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
+        name, _, revision = source.partition("@")
+        try:
+            if builder:
+                dataset = datasets.load_dataset(builder, data_files=source, split="train")
+            else:
+                dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+            rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
+        except (
+            Exception
+        ) as error:  # a malformed file (the library's message says where), offline, unknown name or split
+            cause = error.__cause__ or error
+            raise InputError(
+                f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}"
+            ) from None
     if not rows:
         raise InputError(f"{source}: no rows")
     return rows
 
 
+def read_jsonl(path):
+    """The rows of a JSON Lines file: one JSON object per line, blank lines skipped, in one pass. An error names the
+    line: two objects on one line, a trailing comma, text that is not UTF-8, a value that is not an object."""
+    rows = []
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                text = line.decode("utf-8")
+                row = json.loads(text) if text.strip() else None
+                if text.strip() and not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                raise InputError(f"{path}, row {number}: not one JSON object: {error}") from None
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
 def where(source, row_number):
-    """How an error names a row of a data file: by its line in a .jsonl file (reading skips blank lines), else its number."""
-    if Path(source).suffix == ".jsonl" and Path(source).is_file():
-        with open(source, encoding="utf-8", errors="replace") as file:
-            row_number = [number for number, line in enumerate(file, start=1) if line.strip()][row_number - 1]
+    """How an error names a row: by its line in a .jsonl file (blank lines hold no row), else by its number."""
+    if Path(source).suffix.lower() == ".jsonl":
+        row_number = jsonl_line_numbers(source)[row_number - 1]
     return f"{source}, row {row_number}"
 
 
+@functools.lru_cache(maxsize=4)
+def jsonl_line_numbers(source):
+    """The line of each row of a .jsonl file, read once however many rows an error check names."""
+    with open(source, "rb") as file:
+        return [number for number, line in enumerate(file, start=1) if line.strip()]
+
+
+def passes(loader, sampler, per_pass, skip):
+    """(epoch, micro-batch) of pass after pass over the data, each shuffled anew (the sampler's epoch, the same on
+    every rank), PER_PASS micro-batches a pass; the first SKIP left out (a resumed run has trained on them)."""
+    first_epoch, skip = divmod(skip, per_pass)
+    for epoch in itertools.count(first_epoch):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(itertools.islice(loader, per_pass)):
+            if epoch > first_epoch or i >= skip:  # (a resumed run loads the batches it already trained on, unused)
+                yield epoch, batch
+
+
+def check_objective(objective, expected, path):
+    """A score model must be the kind it is given as (config.objective, written by preference_model.py): a swapped or
+    foreign model would train towards harm, or call harmful answers safe (the cost sign is easy to flip)."""
+    if objective != expected:
+        found = (
+            f"this is a {objective} model"
+            if objective
+            else (
+                "its config has no 'objective' (preference_model.py writes it; for a model from elsewhere add "
+                f'"objective": "{expected}" to its config.json)'
+            )
+        )
+        raise InputError(f"{path}: {found}, but it was given as the {expected} model")
+
+
 def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
-    if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
+    """from_pretrained with one clear line when it fails (an empty or foreign directory, a directory without a
+    tokenizer, an unknown hub id, no network)."""
+    path = Path(name_or_path)
+    if path.is_dir() and not any(path.iterdir()):
         raise InputError(f"{name_or_path}: an empty directory, not a Hugging Face model")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if model_class is AutoTokenizer and path.is_dir() and not any((path / name).is_file() for name in tokenizer_files):
+        raise InputError(f"{name_or_path}: holds no tokenizer (none of {', '.join(tokenizer_files)})")
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
     except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
-                         f"the hub): {' '.join(str(error).split())}") from None
+        raise InputError(
+            f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
+            f"the hub): {' '.join(str(error).split())}"
+        ) from None
 
 
 def start_tracker(report_to, partial, args):
-    """The experiment tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
+    """The tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
     if report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(partial / "runs")
     if report_to == "wandb":
         import wandb  # optional: pip install wandb
+
         return wandb.init(config=dataclasses.asdict(args), dir=partial)
     return None
 
@@ -787,100 +1267,153 @@ def stop_tracker(tracker):
         tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
 
 
-def latest_checkpoint(output_dir):
-    """The newest resumable state, OUTPUT_DIR.partial/checkpoint-N (one that exists is complete), or None."""
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
-    checkpoints = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
-    return checkpoints[-1] if checkpoints else None
+def progress_bar(total, desc, rank, initial=0):
+    """A tqdm bar on rank 0: live in a terminal; in a log file one line every 30 s, not one per step."""
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=rank != 0, mininterval=0.1 if sys.stderr.isatty() else 30
+    )
 
 
-def save_state(output_dir, step, modules, rank_state, rank):
+def save_state(output_dir, step, modules, rank_state, args, rank):
     """OUTPUT_DIR.partial/checkpoint-N (N: optimiser steps, or rollouts): models and optimisers through
-    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), and per rank its counters, schedules
-    and random-number generators. Written as checkpoint-N.tmp, renamed when complete; the newest two are kept."""
+    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), per rank its counters, schedules and
+    random-number generators, and args.json (what a resume must match). Written as checkpoint-N.tmp, renamed when
+    complete; the newest two are kept."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
-    tmp = partial / f"checkpoint-{step}.tmp"
-    dcp.save({name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()},
-             checkpoint_id=tmp)
-    generators = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    partial = sibling(output_dir, ".partial")
+    tmp, final = partial / f"checkpoint-{step}.tmp", partial / f"checkpoint-{step}"
+    if rank == 0 and tmp.exists():  # a save that a kill cut short
+        shutil.rmtree(tmp)
+    dist.barrier()
+    state = {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+    dcp.save(state, checkpoint_id=tmp)
+    generators = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     torch.save({**rank_state, "generators": generators}, tmp / f"rank{rank}.pt")
     dist.barrier()  # every rank's part is written
     if rank == 0:
-        tmp.rename(partial / f"checkpoint-{step}")
+        (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if final.exists():  # a state that could not be loaded (a resume went back past it): this one replaces it
+            shutil.rmtree(final)
+        tmp.rename(final)
         for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))[:-2]:
             shutil.rmtree(old)
     dist.barrier()
 
 
-def load_state(checkpoint, modules, rank):
-    """Put a saved state back: models and optimisers in place, this rank's generators restored; returns its counters."""
+def load_state(states, args, modules, rank):
+    """Put the newest saved state of STATES that loads back: models and optimisers in place, this rank's generators
+    restored; returns its counters. A state saved with other training arguments is refused (a resume continues the
+    same run); a state that cannot be read (cut short, a file missing) is named, and the older one is tried."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if not (checkpoint / f"rank{rank}.pt").is_file():
-        raise InputError(f"{checkpoint}: saved by fewer processes than this run has; resume with the same number of processes")
-    state = {name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()}
-    dcp.load(state, checkpoint_id=checkpoint)
-    for name, (model, optimizer) in modules.items():
-        set_state_dict(model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"])
-    rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
-    generators = rank_state.pop("generators")
-    random.setstate(generators["python"])
-    np.random.set_state(generators["numpy"])
-    torch.set_rng_state(generators["torch"])
-    if generators["cuda"]:
-        torch.cuda.set_rng_state_all(generators["cuda"])
-    return rank_state
+
+    failures = []
+    for checkpoint in states:
+        try:
+            saved_args = json.loads((checkpoint / "args.json").read_text())
+            check_same_run(saved_args, dataclasses.asdict(args), checkpoint)
+            state = {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+            dcp.load(state, checkpoint_id=checkpoint)
+            rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
+            failure = None
+        except InputError:
+            raise
+        except (Exception, dcp.api.CheckpointException) as error:  # a file cut short or missing (first line of why)
+            failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        loaded = torch.tensor(float(failure is None))
+        dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # every rank takes the same state, or none takes it
+        if loaded.item():
+            for name, (model, optimizer) in modules.items():
+                set_state_dict(
+                    model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"]
+                )
+            generators = rank_state.pop("generators")
+            random.setstate(generators["python"])
+            np.random.set_state(generators["numpy"])
+            torch.set_rng_state(generators["torch"])
+            if generators["cuda"]:
+                torch.cuda.set_rng_state_all(generators["cuda"])
+            return checkpoint, rank_state
+        failures.append(f"{checkpoint.name}: {failure or 'unreadable on another rank'}")
+        if rank == 0:
+            logging.warning(f"{checkpoint} cannot be loaded ({failures[-1]}); trying an older state")
+    raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded ({'; '.join(failures)})")
 
 
-def start_output_dir(output_dir, resume=False):
-    """Work in OUTPUT_DIR.partial (kept with --resume), renamed into place by finish_output_dir. A final swap that a
-    kill interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first: the previous output comes back."""
-    output_dir = Path(output_dir)  # Path() drops a trailing slash
-    partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
-    if old.exists() and not output_dir.exists():
-        old.rename(output_dir)
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    return partial
+RESUME_MAY_CHANGE = (  # what a resume may change: none of it moves a number of the run
+    "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing save_critics"
+).split()
 
 
-def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written; the resumable states
-    (checkpoint-N) are not part of the finished output."""
-    for checkpoint in partial.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint)
-    output_dir = Path(output_dir)
-    old = output_dir.with_name(output_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if output_dir.exists():
-        output_dir.rename(old)
-    partial.rename(output_dir)
-    if old.exists():
-        shutil.rmtree(old)
+def check_same_run(saved, current, checkpoint):
+    """A resume continues the run that was saved: every argument that shapes training (learning rates and schedules,
+    batch sizes, the number of processes, data, seed, --max_steps and --epochs, which lay out the schedule) must be as
+    it was. Only what leaves the numbers alone may change (RESUME_MAY_CHANGE)."""
+    for name, value in current.items():
+        if name in RESUME_MAY_CHANGE or saved.get(name) == value:
+            continue
+        if name == "world_size":
+            raise InputError(
+                f"--resume: {checkpoint} was saved by {saved[name]} processes and this run has {value}; resume with "
+                f"torchrun --nproc_per_node={saved[name]}"
+            )
+        raise InputError(
+            f"--resume: --{name} is {value!r} but was {saved.get(name)!r} in the saved run ({checkpoint}); a resume "
+            "continues the same run: give the same value, or start over with --overwrite_output_dir"
+        )
 
 
-def wrap_model(model, device, fsdp, bf16, trained=True):
-    """--fsdp: FSDP2 units for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
-    then the root (the module whose forward is called: our Critic); bf16 compute, fp32 masters and reductions on CUDA.
-    Otherwise DDP around a trained model (it broadcasts rank 0's weights, all-reduces gradients); frozen models and a
-    world of one stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+def trim_metrics(partial, key, last):
+    """On --resume: metrics.jsonl keeps its rows up to the saved state (the later ones are written again); a last
+    line that the kill cut short is dropped."""
+    path, kept = partial / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get(key, math.inf) <= last:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
+def fsdp_shard(model, bf16, reshard_root):
+    """FSDP2: one unit for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
+    then the root (the module whose forward is called: our Critic too); bf16 compute, fp32 masters and reductions on
+    CUDA. RESHARD_ROOT: free the root's weights after its forward too (None: FSDP's default, keep them for the
+    backward that comes next)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_root)
+
+
+def wrap_trained_model(model, device, fsdp, bf16):
+    """A model that is trained: sharded with --fsdp; otherwise under DDP (it broadcasts rank 0's weights and
+    all-reduces the gradients), or bare in a world of one (DDP's gradient buckets would only cost time)."""
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
-        for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
-            fully_shard(layer, mp_policy=policy)
-        # a trained root stays gathered after its forward (the backward needs it next); a frozen one has no backward
-        return fully_shard(model, mp_policy=policy, reshard_after_forward=True if not trained else None)
+        return fsdp_shard(model, bf16, reshard_root=None)
     model = model.to(device)
-    if not trained or dist.get_world_size() == 1:
+    if dist.get_world_size() == 1:
         return model
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def wrap_frozen_model(model, device, fsdp, bf16):
+    """A model that only runs forward: sharded with --fsdp (every unit freed after its forward), otherwise bare."""
+    return fsdp_shard(model, bf16, reshard_root=True) if fsdp else model.to(device)
 
 
 def unwrap(model):
@@ -907,9 +1440,10 @@ def no_sync(model):
 
 @contextmanager
 def gathered(model):
-    """Under FSDP2, a phase of no-grad forwards (generation with the KV cache, scoring) with the parameters gathered once
-    at its first forward, instead of once per forward, i.e. per generated token; freed when the phase ends, before the
-    update needs the memory. Also what lets each rank stop generating at its own answers' end (no collective per token)."""
+    """Under FSDP2, a phase of no-grad forwards (generation with the KV cache, scoring) with the parameters gathered
+    once at its first forward, instead of once per forward, i.e. per generated token; freed when the phase ends,
+    before the update needs the memory. Also what lets each rank stop generating at its own answers' end (no
+    collective per token)."""
     if not hasattr(model, "set_reshard_after_forward"):  # not an FSDP2 module: nothing to gather
         yield
         return
@@ -924,25 +1458,35 @@ def gathered(model):
 
 
 def save_model(model, path, rank):
-    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict is
-    gathered from the shards, to the CPU), rank 0 writes it with save_pretrained."""
+    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict
+    is gathered from the shards, to the CPU), rank 0 writes it with save_pretrained. A tied weight (the LM head that
+    is the embedding) is saved once, under its first name, as save_pretrained does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names_of = {}  # a parameter under two names (tied): gathered apart they are two tensors; make them one again
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    for first, *aliases in names_of.values():
+        state_dict.update({alias: state_dict[first] for alias in aliases if alias in state_dict})
     if rank == 0:
         model.save_pretrained(path, state_dict=state_dict)
 
 
-def trained_state_bytes(models):
-    """This rank's trained state: fp32 weights, gradients and AdamW's two moments, 16 bytes a parameter (FSDP: its shard)."""
-    return 16 * sum((p.to_local() if hasattr(p, "to_local") else p).numel() for model in models for p in model.parameters())
+def describe_memory(models, fsdp):
+    """The start-up line's memory: this rank's trained state, fp32 weights, gradients and AdamW's two moments, 16
+    bytes a parameter (under FSDP its shard)."""
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for m in models for p in m.parameters())
+    return f"{'FSDP' if fsdp else 'DDP'}: {16 * local / 2**30:.2f} GiB of weights, gradients and AdamW states per rank"
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as error:  # one line, printed once: under torchrun every rank meets the same error
-        for progress_bar in list(tqdm._instances):  # closed now: a bar closed later would print after the error line
-            progress_bar.close()
+    except (InputError, KeyboardInterrupt) as error:  # one line, printed once: under torchrun every rank meets it
+        for bar in list(tqdm._instances):  # closed now: a bar closed later would print after the line
+            bar.close()
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+            interrupted = "interrupted: the output directory was left as it was"
+            print(f"error: {error}" if isinstance(error, InputError) else interrupted, file=sys.stderr)
+        sys.exit(1 if isinstance(error, InputError) else 130)

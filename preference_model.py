@@ -1,23 +1,26 @@
 """Stage 2 of Safe RLHF: the preference models, a reward model (helpfulness) and a cost model (harmlessness).
 
-Safe RLHF decouples human preference into two models (paper §3.2; reference note §2). Both are the SFT model's
-backbone with a scalar head, and a sequence's score is the head's output at its last real token (the EOS after
-the answer): Hugging Face's `AutoModelForSequenceClassification(num_labels=1)`, so the saved models load in any
-tool that reads reward models.
+Safe RLHF decouples human preference into two models (paper §3.2; docs/math.md §2-§3). Both are the SFT model's
+backbone with a scalar head, and a sequence's score is the head's output at its last real token (the EOS after the
+answer): Hugging Face's `AutoModelForSequenceClassification(num_labels=1)`, so the saved models load in any tool that
+reads reward models.
 
 Reward model, on pairs (better y_w, worse y_l) from `better_response_id`, a Bradley-Terry loss:
 
     L_R = -mean log σ(R(x, y_w) - R(x, y_l))  +  μ · mean(R²)
 
-Cost model, on pairs (safer y_s, unsafer y_u) from `safer_response_id`, Bradley-Terry plus a classification
-term on each answer's own safety label, with s(y) = +1 for an answer labelled unsafe and -1 for one labelled
-safe, so that a negative cost means safe:
+Cost model, on pairs (safer y_s, unsafer y_u) from `safer_response_id`, Bradley-Terry plus a classification term on
+each answer's own safety label, with s(y) = +1 for an answer labelled unsafe and -1 for one labelled safe, so that a
+negative cost means safe:
 
     L_C = mean[ -log σ(C(x, y_u) - C(x, y_s)) - log σ(s(y_u) · C(x, y_u)) - log σ(s(y_s) · C(x, y_s)) ]  +  μ · mean(C²)
 
-μ (`--regularization`) keeps the scores near zero. Both answers of a pair go through the model in one
-concatenated forward pass of 2B sequences. The saved config records `objective` (reward or cost), which the
-later stages check, so a swapped pair of models is caught before it trains a policy towards harm.
+μ (`--regularization`) keeps the scores near zero. One optimiser step, as in `main()` below:
+    1. a micro-batch of B pairs: both answers of each pair in one forward pass of 2B sequences
+    2. the loss above on their end scores, backward (accumulated over micro-steps)
+    3. clip, check that nothing is NaN, take the AdamW step; log, save a resumable state now and then
+The saved config records `objective` (reward or cost), which the later stages check, so a swapped pair of models is
+caught before it trains a policy towards harm.
 
 Run (toy world, one process):
     python preference_model.py --objective reward --model_name_or_path runs/toy/sft \
@@ -31,6 +34,9 @@ Run (paper scale, 8 GPUs; the defaults are the reference's settings):
 
 import argparse
 import dataclasses
+import fcntl
+import functools
+import itertools
 import json
 import logging
 import math
@@ -57,50 +63,87 @@ PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 
 
+def arg(default, help, **metadata):  # a field of Args: its default, its --help line (and e.g. choices=[...])
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class Args:
-    objective: str = field(default="reward", metadata={"help": "which model to train: reward (helpfulness) or cost (harmlessness)", "choices": ["reward", "cost"]})
-    model_name_or_path: str = field(default="output/sft", metadata={"help": "the SFT checkpoint to start from (hub id or local directory)"})
-    train_data: str = field(default=PKU_SAFERLHF, metadata={"help": "PKU-SafeRLHF-format preference pairs: local .json/.jsonl/.parquet/.csv or hub NAME[@REVISION]"})
-    train_split: str = field(default="train", metadata={"help": "split of a hub training data set"})
-    eval_data: str = field(default=PKU_SAFERLHF, metadata={"help": "held-out preference pairs, same formats ('' to skip evaluation)"})
-    eval_split: str = field(default="test", metadata={"help": "split of a hub evaluation data set"})
-    output_dir: str = field(default="output/reward", metadata={"help": "where the checkpoint, args.json, eval.json, metrics.jsonl and the score histogram go"})
-    max_length: int = field(default=512, metadata={"help": "maximum tokens per sequence (prompt + answer)"})
-    epochs: int = field(default=2, metadata={"help": "passes over the training pairs"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (-1: run all epochs)"})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "pairs per device per micro-step (2x sequences)"})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "pairs per device per evaluation step"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up", "choices": ["cosine", "linear", "constant"]})
-    lr_warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the optimiser steps spent warming up"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β2"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
-    regularization: float = field(default=0.001, metadata={"help": "μ, the weight of the mean squared score that keeps scores near zero"})
-    seed: int = field(default=42, metadata={"help": "random seed"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast, used only where the device supports it (CUDA with bf16)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in the backward pass to save memory"})
-    fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard the weights, gradients and optimiser states over the ranks (for models too large for DDP; see README, 'Running at paper scale')"})
-    logging_steps: int = field(default=1, metadata={"help": "log the training loss every N optimiser steps"})
-    save_steps: int = field(default=0, metadata={"help": "save a resumable training state every N optimiser steps, to OUTPUT_DIR.partial/checkpoint-N (0: never)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest OUTPUT_DIR.partial/checkpoint-N of a run that was stopped"})
-    report_to: str = field(default="none", metadata={"help": "experiment tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", "choices": ["none", "tensorboard", "wandb"]})
+    objective: str = arg(
+        "reward", "the model to train: reward (helpfulness) or cost (harmlessness)", choices=["reward", "cost"]
+    )
+    model_name_or_path: str = arg("output/sft", "the SFT checkpoint to start from (hub id or local directory)")
+    train_data: str = arg(
+        PKU_SAFERLHF,
+        "PKU-SafeRLHF-format preference pairs: local .jsonl/.json/.parquet/.csv file or hub data set NAME[@REVISION]",
+    )
+    train_split: str = arg("train", "split of a hub training data set")
+    eval_data: str | None = arg(
+        None,
+        "held-out pairs, same formats; default: the training data set's test split "
+        "for a hub data set, none for a local file; '' for none",
+    )
+    eval_split: str = arg("test", "split of a hub evaluation data set")
+    output_dir: str = arg(
+        "output/reward", "where the checkpoint, args.json, eval.json, metrics.jsonl and the score histogram go"
+    )
+    overwrite_output_dir: bool = arg(
+        False,
+        "replace OUTPUT_DIR even if it is not a finished output of "
+        "preference_model.py, and start over even if a stopped run left saved states",
+    )
+    max_length: int = arg(512, "maximum tokens per sequence (prompt + answer)")
+    epochs: int = arg(2, "passes over the training pairs")
+    max_steps: int = arg(-1, "stop after this many optimiser steps (-1: run all epochs)")
+    per_device_train_batch_size: int = arg(16, "pairs per device per micro-step (2x sequences)")
+    per_device_eval_batch_size: int = arg(16, "pairs per device per evaluation step")
+    gradient_accumulation_steps: int = arg(1, "micro-steps per optimiser step")
+    lr: float = arg(2e-5, "peak learning rate")
+    lr_scheduler: str = arg("cosine", "learning-rate schedule after warm-up", choices=["cosine", "linear", "constant"])
+    lr_warmup_ratio: float = arg(0.03, "fraction of the optimiser steps spent warming up")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW β1")
+    adam_beta2: float = arg(0.95, "AdamW β2")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0: no clipping)")
+    regularization: float = arg(0.001, "μ, the weight of the mean squared score that keeps scores near zero")
+    seed: int = arg(42, "random seed")
+    bf16: bool = arg(True, "bf16 autocast, used only where the device supports it (CUDA with bf16)")
+    gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass to save memory")
+    fsdp: bool = arg(
+        False,
+        "FSDP2: shard the weights, gradients and optimiser states over the ranks (for models too "
+        "large for DDP; docs/scale.md)",
+    )
+    logging_steps: int = arg(1, "log the training loss every N optimiser steps")
+    save_steps: int = arg(0, "save a resumable state every N optimiser steps, to OUTPUT_DIR.partial (0: never)")
+    resume: bool = arg(False, "continue the stopped run from the newest state in OUTPUT_DIR.partial")
+    report_to: str = arg(
+        "none", "tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", choices=["none", "tensorboard", "wandb"]
+    )
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
     global_batch_size: int = field(default=0, init=False)
 
     def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
-        require(self, "max_length epochs per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps logging_steps", lambda v: v >= 1, "at least 1")
+        require_finite(self)
+        require(
+            self,
+            "max_length epochs per_device_train_batch_size per_device_eval_batch_size "
+            "gradient_accumulation_steps logging_steps",
+            lambda v: v >= 1,
+            "at least 1",
+        )
         require(self, "max_steps", lambda v: v == -1 or v >= 1, "-1 (all epochs) or at least 1")
         require(self, "lr", lambda v: v > 0, "positive")
         require(self, "lr_warmup_ratio adam_beta1 adam_beta2", lambda v: 0 <= v <= 1, "in [0, 1]")
         require(self, "save_steps weight_decay max_grad_norm regularization", lambda v: v >= 0, "at least 0")
+        require(self, "seed", lambda v: 0 <= v < 2**31, "in [0, 2^31)")
+        if self.eval_data is None:  # a hub data set is evaluated on its test split; a local file has none
+            local = Path(self.train_data).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv")
+            self.eval_data = "" if local or Path(self.train_data).exists() else self.train_data
 
 
-# ---- Safe RLHF, stage 2: the preference-model losses (paper §3.2). Scores are end scores, one per answer ----
+# ---- Safe RLHF, stage 2: the preference-model losses (paper §3.2; docs/math.md §2-§3). Scores are end scores ----
 def reward_loss(better_scores, worse_scores, regularization=0.0):
     # L_R = -mean log σ(r_w - r_l) + μ · mean over all 2B scores of r²
     bradley_terry = -F.logsigmoid(better_scores - worse_scores).mean()
@@ -125,7 +168,9 @@ def preference_loss(objective, preferred_scores, rejected_scores, batch, regular
     # the reward model ranks better over worse; the cost model ranks the unsafer (rejected) answer above the safer one
     if objective == "reward":
         return reward_loss(preferred_scores, rejected_scores, regularization)
-    return cost_loss(preferred_scores, rejected_scores, batch["preferred_is_safe"], batch["rejected_is_safe"], regularization)
+    return cost_loss(
+        preferred_scores, rejected_scores, batch["preferred_is_safe"], batch["rejected_is_safe"], regularization
+    )
 
 
 def correct_order(objective, preferred_scores, rejected_scores):
@@ -135,6 +180,15 @@ def correct_order(objective, preferred_scores, rejected_scores):
 
 # ---- data to tensors ----
 PreferencePair = namedtuple("PreferencePair", "prompt preferred rejected preferred_is_safe rejected_is_safe")
+PAIR_FIELDS = {
+    "prompt": str,
+    "response_0": str,
+    "response_1": str,
+    "better_response_id": int,
+    "safer_response_id": int,
+    "is_response_0_safe": bool,
+    "is_response_1_safe": bool,
+}  # what a PKU-SafeRLHF row must have
 
 
 def preference_pairs(rows, source, objective):
@@ -142,32 +196,39 @@ def preference_pairs(rows, source, objective):
     the safer one (safer_response_id) for the cost model; rejected = the other. Checks every field a row needs."""
     pairs = []
     for row_number, row in enumerate(rows, start=1):
-        row_name = where(source, row_number)
-        for name, kind in (("prompt", str), ("response_0", str), ("response_1", str), ("better_response_id", int),
-                           ("safer_response_id", int), ("is_response_0_safe", bool), ("is_response_1_safe", bool)):
-            if row.get(name) is None:
-                raise InputError(f"{row_name}: missing field '{name}' (PKU-SafeRLHF rows have prompt, response_0, response_1, "
-                                 f"better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe)")
-            if not isinstance(row[name], kind) or (kind is int and (isinstance(row[name], bool) or row[name] not in (0, 1))) or (kind is str and not row[name].strip()):
-                raise InputError(f"{row_name}, field '{name}': expected {'0 or 1' if kind is int else 'a non-empty string' if kind is str else kind.__name__}, got {row[name]!r}")
-        responses, is_safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
+        for name, kind in PAIR_FIELDS.items():
+            value = row.get(name)
+            if value is None:
+                raise InputError(
+                    f"{where(source, row_number)}: missing field '{name}' (a PKU-SafeRLHF row has "
+                    f"{', '.join(PAIR_FIELDS)})"
+                )
+            if type(value) is not kind or (kind is int and value not in (0, 1)) or (kind is str and not value.strip()):
+                expected = {str: "a non-empty string", int: "0 or 1", bool: "true or false"}[kind]
+                raise InputError(f"{where(source, row_number)}, field '{name}': expected {expected}, got {value!r}")
+        answers = (row["response_0"], row["response_1"])
+        is_safe = (row["is_response_0_safe"], row["is_response_1_safe"])
         preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
         rejected = 1 - preferred
         if objective == "cost" and not is_safe[preferred] and is_safe[rejected]:
-            raise InputError(f"{row_name}: inconsistent safety labels: the safer answer (response_{preferred}) is labelled unsafe "
-                             f"while response_{rejected} is labelled safe")
-        pairs.append(PreferencePair(row["prompt"], responses[preferred], responses[rejected], is_safe[preferred], is_safe[rejected]))
+            raise InputError(
+                f"{where(source, row_number)}: inconsistent safety labels: the safer answer "
+                f"(response_{preferred}) is labelled unsafe while response_{rejected} is labelled safe"
+            )
+        pair = (row["prompt"], answers[preferred], answers[rejected], is_safe[preferred], is_safe[rejected])
+        pairs.append(PreferencePair(*pair))
     return pairs
 
 
 def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
-    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. As in the reference,
-    the answer is tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by
-    the prompt's own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone
-    gives other tokens than the ones a model generates after `ASSISTANT:`."""
+    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. The answer is
+    tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by the prompt's
+    own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone gives other
+    tokens than the ones a model generates after `ASSISTANT:` (docs/math.md §1)."""
     prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
     prompt_ids = tokenizer(prompt_text)["input_ids"]
-    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :]
+    answer_ids = answer_ids + [tokenizer.eos_token_id]
     prompt_ids = prompt_ids[:max_length]
     return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
 
@@ -181,8 +242,14 @@ def pair_examples(tokenizer, pairs, max_length):
         if preferred_ids == rejected_ids:
             identical += 1
             continue
-        examples.append({"preferred": prompt_ids + preferred_ids, "rejected": prompt_ids + rejected_ids,
-                         "preferred_is_safe": pair.preferred_is_safe, "rejected_is_safe": pair.rejected_is_safe})
+        examples.append(
+            {
+                "preferred": prompt_ids + preferred_ids,
+                "rejected": prompt_ids + rejected_ids,
+                "preferred_is_safe": pair.preferred_is_safe,
+                "rejected_is_safe": pair.rejected_is_safe,
+            }
+        )
     return examples, identical
 
 
@@ -194,195 +261,244 @@ def collate_pairs(examples, pad_token_id):
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for i, ids in enumerate(sequences):
         input_ids[i, : len(ids)], attention_mask[i, : len(ids)] = torch.tensor(ids), 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "preferred_is_safe": torch.tensor([e["preferred_is_safe"] for e in examples]),
-            "rejected_is_safe": torch.tensor([e["rejected_is_safe"] for e in examples])}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "preferred_is_safe": torch.tensor([e["preferred_is_safe"] for e in examples]),
+        "rejected_is_safe": torch.tensor([e["rejected_is_safe"] for e in examples]),
+    }
 
 
 def end_scores(score_model, input_ids, attention_mask):
     """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
     Position ids follow the attention mask, so padding changes nothing."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits.squeeze(-1).float()
+    return (
+        score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        .logits.squeeze(-1)
+        .float()
+    )
 
 
 def main():
     args = parse_args(Args)
-    check_output_dir(args.output_dir, {"model_name_or_path": args.model_name_or_path, "train_data": args.train_data, "eval_data": args.eval_data})
+    inputs = {"model_name_or_path": args.model_name_or_path, "train_data": args.train_data, "eval_data": args.eval_data}
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "preference_model.py", inputs)
+    saved_states = resumable_states(args.output_dir, args.resume, args.overwrite_output_dir)
     rank, args.world_size, device = setup_distributed()
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    set_seed(args.seed)  # the same on every rank: new weights (--from_scratch, a new score head) must agree, and FSDP does not broadcast them as DDP does
-    use_bf16 = args.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    set_seed(args.seed)  # the same on every rank: the new score head must agree, and FSDP does not broadcast it
+    use_bf16, autocast = mixed_precision(args.bf16, device)
+    tokenizer = load_score_tokenizer(args.model_name_or_path)
+    train_examples, eval_examples, skipped = load_pair_examples(args, tokenizer)  # skipped: (train, eval) pairs
+    model = load_score_model(args, tokenizer, device, use_bf16)
+    sampler, loader = data_loader(train_examples, args, lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
+    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    total_steps = (
+        steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
+    )
+    optimizer, scheduler = adamw(model, args, total_steps)
+    partial, lock, tracker, start_step = start_run(args, rank, saved_states, model, optimizer, scheduler)
+    if rank == 0:
+        print(
+            f"{args.objective} model: {len(train_examples)} training pairs and {len(eval_examples)} eval pairs "
+            f"({sum(skipped)} skipped: identical answers), world size {args.world_size}, global batch "
+            f"{args.global_batch_size} pairs, {total_steps} steps, bf16 {use_bf16}, "
+            f"{describe_memory([model], args.fsdp)}"
+        )
 
-    # ---- data: everything is checked before anything is written ----
-    tokenizer = load_pretrained(AutoTokenizer, args.model_name_or_path)
+    # ---- training: the reward model's L_R or the cost model's L_C (paper §3.2; docs/math.md §2-§3) ----
+    model.train()
+    per_pass, skip = steps_per_epoch * args.gradient_accumulation_steps, start_step * args.gradient_accumulation_steps
+    micro_batches = passes(loader, sampler, per_pass, skip)
+    progress, start_time = progress_bar(total_steps, args.objective, rank, start_step), time.time()
+    eval_metrics, eval_scores = {}, None
+    for step in range(start_step + 1, total_steps + 1):
+        local_loss = torch.zeros((), device=device)
+        local_correct = torch.zeros((), device=device)
+        for i in range(args.gradient_accumulation_steps):
+            # 1. a micro-batch of B pairs: both answers of each pair in one forward pass of 2B sequences
+            epoch, batch = next(micro_batches)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with nullcontext() if i == args.gradient_accumulation_steps - 1 else no_sync(model), autocast:
+                scores = end_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+                preferred_scores, rejected_scores = scores.chunk(2)  # (B,), (B,): better/worse, or safer/unsafer
+                # 2. L_R or L_C on the end scores
+                loss = preference_loss(args.objective, preferred_scores, rejected_scores, batch, args.regularization)
+            # every micro-batch holds the same number of pairs, so the mean of the micro-batch means is the global
+            # mean (DDP averages over ranks); only the last micro-step all-reduces the gradients
+            (loss / args.gradient_accumulation_steps).backward()
+            local_loss += loss.detach() / args.gradient_accumulation_steps
+            correct = correct_order(args.objective, preferred_scores, rejected_scores).float().mean().detach()
+            local_correct += correct / args.gradient_accumulation_steps
+
+        # 3. clip the gradient, check that nothing is NaN, take the step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        train_stats = torch.stack([local_loss, local_correct])
+        dist.all_reduce(train_stats)
+        train_loss, train_accuracy = (train_stats / args.world_size).tolist()
+        check_finite({"the training loss": train_loss, "the gradient norm": grad_norm.item()}, f"at step {step}")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 4. log; now and then a resumable state; at the end of a pass (and of the run) the held-out accuracy
+        progress.update(1)
+        progress.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}")
+        if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
+            metrics = {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy}
+            log_metrics(
+                partial,
+                tracker,
+                step,
+                metrics | {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()},
+            )
+        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+            state = {"step": step, "scheduler": scheduler.state_dict()}
+            save_state(args.output_dir, step, {"model": (model, optimizer)}, state, args, rank)
+        if eval_examples and (step % steps_per_epoch == 0 or step == total_steps):
+            eval_metrics, eval_scores = evaluate_pairs(
+                model, eval_examples, args, tokenizer.pad_token_id, device, autocast, rank
+            )
+            if rank == 0:
+                progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, **eval_metrics})
+    progress.close()
+    evaluation = {**eval_metrics, "eval/pairs": len(eval_examples), "eval/identical_pairs_skipped": skipped[1]}
+    save_score_model(args, model, tokenizer, partial, lock, tracker, rank, device, start_time, evaluation, eval_scores)
+    return {"model": unwrap(model), "metrics": eval_metrics}  # for tests that compare ranks
+
+
+# ---- setup for this stage (skip on a first reading) ----
+def load_score_tokenizer(path):
+    """The SFT model's tokenizer, whose pad token must differ from EOS: the score is read at the EOS, found as the
+    last non-pad token."""
+    tokenizer = load_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(f"{args.model_name_or_path}: the tokenizer's pad token must exist and differ from EOS, or the score "
-                         "would not be read at the EOS; sft.py adds one, so start from an sft.py checkpoint")
-    train_pairs = preference_pairs(load_rows(args.train_data, args.train_split), args.train_data, args.objective)
-    train_examples, train_identical = pair_examples(tokenizer, train_pairs, args.max_length)
+        raise InputError(
+            f"{path}: the tokenizer's pad token must exist and differ from EOS, or the score would not be read at "
+            "the EOS; sft.py adds one, so start from an sft.py checkpoint"
+        )
+    return tokenizer
+
+
+def load_pair_examples(args, tokenizer):
+    """The training and evaluation pairs, checked row by row before anything is written. Returns (train examples,
+    eval examples, (train pairs, eval pairs) skipped because both answers tokenise alike)."""
+    pairs = preference_pairs(load_rows(args.train_data, args.train_split), args.train_data, args.objective)
+    train_examples, train_identical = pair_examples(tokenizer, pairs, args.max_length)
     eval_examples, eval_identical = [], 0
     if args.eval_data:
-        eval_pairs = preference_pairs(load_rows(args.eval_data, args.eval_split), args.eval_data, args.objective)
-        eval_examples, eval_identical = pair_examples(tokenizer, eval_pairs, args.max_length)
+        pairs = preference_pairs(load_rows(args.eval_data, args.eval_split), args.eval_data, args.objective)
+        eval_examples, eval_identical = pair_examples(tokenizer, pairs, args.max_length)
     if len(train_examples) < args.global_batch_size:
-        raise InputError(f"{args.train_data}: {len(train_examples)} usable pairs, fewer than one global batch ({args.global_batch_size})")
+        raise InputError(
+            f"{args.train_data}: {len(train_examples)} usable pairs, fewer than one global batch "
+            f"({args.global_batch_size})"
+        )
+    return train_examples, eval_examples, (train_identical, eval_identical)
 
-    # ---- model: the SFT backbone with a new scalar head ----
-    model = load_pretrained(AutoModelForSequenceClassification, args.model_name_or_path, num_labels=1, dtype=torch.float32)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the tokenizer's authors added (a pad token, say)
+
+def load_score_model(args, tokenizer, device, use_bf16):
+    """The SFT backbone with a new scalar head (`AutoModelForSequenceClassification`, one label), fp32 master weights,
+    under DDP or FSDP2."""
+    model = load_pretrained(
+        AutoModelForSequenceClassification, args.model_name_or_path, num_labels=1, dtype=torch.float32
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the tokenizer's authors added
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = wrap_model(model, device, args.fsdp, use_bf16)
+    return wrap_trained_model(model, device, args.fsdp, use_bf16)
 
-    sampler = DistributedSampler(train_examples, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(train_examples, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed),  # its own generator: a resume's skipping leaves the global one alone
-                        collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
-    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
-    total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.lr_warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
 
-    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise InputError(f"--resume: no saved state (checkpoint-N) in {args.output_dir}.partial to resume from")
-    partial = start_output_dir(args.output_dir, args.resume) if rank == 0 else None
-    tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
-    if rank == 0:
-        print(f"{args.objective} model: {len(train_examples)} training pairs ({train_identical} skipped: identical answers), "
-              f"{len(eval_examples)} eval pairs ({eval_identical} skipped), world size {args.world_size}, "
-              f"global batch {args.global_batch_size} pairs, {total_steps} optimiser steps, bf16 {use_bf16}, "
-              f"{'FSDP' if args.fsdp else 'DDP'}: {trained_state_bytes([model]) / 2**30:.2f} GiB of weights, gradients and AdamW states per rank")
-
-    def evaluate():
-        """Accuracy (better answer scored higher, or unsafer answer costlier), and for cost the sign accuracy
-        (cost > 0 ⇔ labelled unsafe), counted on each rank's shard and summed over ranks."""
-        model.eval()
-        counts = torch.zeros(4, device=device)  # (pairs, correct order, answers, correct sign)
-        loss_sum = torch.zeros((), device=device)
-        scores = {"preferred": [], "rejected": [], "preferred_is_safe": [], "rejected_is_safe": []}
-        shard = eval_examples[rank :: args.world_size]
-        with torch.no_grad(), autocast:
-            for start in range(0, len(shard), args.per_device_eval_batch_size):
-                chunk = shard[start : start + args.per_device_eval_batch_size]
-                batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
-                preferred_scores, rejected_scores = end_scores(unwrap(model), batch["input_ids"], batch["attention_mask"]).chunk(2)
-                loss_sum += preference_loss(args.objective, preferred_scores, rejected_scores, batch, args.regularization) * len(chunk)
-                correct_sign = ((preferred_scores > 0) == ~batch["preferred_is_safe"]).sum() + ((rejected_scores > 0) == ~batch["rejected_is_safe"]).sum()
-                counts += torch.stack([torch.tensor(len(chunk), device=device), correct_order(args.objective, preferred_scores, rejected_scores).sum(),
-                                       torch.tensor(2 * len(chunk), device=device), correct_sign]).float()
-                for key, value in (("preferred", preferred_scores), ("rejected", rejected_scores),
-                                   ("preferred_is_safe", batch["preferred_is_safe"]), ("rejected_is_safe", batch["rejected_is_safe"])):
-                    scores[key] += value.tolist()
-        dist.all_reduce(counts)
-        dist.all_reduce(loss_sum)
-        model.train()
-        metrics = {"eval/loss": (loss_sum / counts[0]).item(), "eval/accuracy": (counts[1] / counts[0]).item()}
-        if args.objective == "cost":
-            metrics["eval/sign_accuracy"] = (counts[3] / counts[2]).item()
-        return metrics, scores
-
-    # ---- training loop ----
+@torch.no_grad()
+def evaluate_pairs(model, examples, args, pad_token_id, device, autocast, rank):
+    """Accuracy (the better answer scored higher, or the unsafer answer costlier), and for cost the sign accuracy
+    (cost > 0 ⇔ labelled unsafe), counted on each rank's shard and summed over ranks; and this rank's scores."""
+    model.eval()
+    counts = torch.zeros(4, device=device)  # (pairs, correct order, answers, correct sign)
+    loss_sum = torch.zeros((), device=device)
+    scores = {"preferred": [], "rejected": [], "preferred_is_safe": [], "rejected_is_safe": []}
+    shard = examples[rank :: args.world_size]
+    with autocast:
+        for start in range(0, len(shard), args.per_device_eval_batch_size):
+            chunk = shard[start : start + args.per_device_eval_batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
+            preferred, rejected = end_scores(unwrap(model), batch["input_ids"], batch["attention_mask"]).chunk(2)
+            loss_sum += preference_loss(args.objective, preferred, rejected, batch, args.regularization) * len(chunk)
+            correct_sign = ((preferred > 0) == ~batch["preferred_is_safe"]).sum()
+            correct_sign += ((rejected > 0) == ~batch["rejected_is_safe"]).sum()
+            correct = correct_order(args.objective, preferred, rejected).sum()
+            counts += torch.stack(
+                [
+                    torch.tensor(len(chunk), device=device),
+                    correct,
+                    torch.tensor(2 * len(chunk), device=device),
+                    correct_sign,
+                ]
+            ).float()
+            for key, value in (
+                ("preferred", preferred),
+                ("rejected", rejected),
+                ("preferred_is_safe", batch["preferred_is_safe"]),
+                ("rejected_is_safe", batch["rejected_is_safe"]),
+            ):
+                scores[key] += value.tolist()
+    dist.all_reduce(counts)
+    dist.all_reduce(loss_sum)
     model.train()
-    step = 0
-    if checkpoint:  # --resume: the model, AdamW, the schedule, the data position and the generators as they were
-        saved = load_state(checkpoint, {"model": (model, optimizer)}, rank)
-        step = saved["step"]
-        scheduler.load_state_dict(saved["scheduler"])
-        if rank == 0:  # the metrics of the steps after the saved state are written again
-            lines = (partial / "metrics.jsonl").read_text().splitlines() if (partial / "metrics.jsonl").exists() else []
-            (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
-    progress = tqdm(total=total_steps, initial=step, desc=args.objective, disable=rank != 0)
-    start_time, eval_metrics, (first_epoch, steps_done) = time.time(), {}, divmod(step, steps_per_epoch)
-    for epoch in range(first_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        micro_batches = iter(loader)
-        for _ in range(steps_done * args.gradient_accumulation_steps if epoch == first_epoch else 0):
-            next(micro_batches)  # a resumed run skips the batches it already trained on
-        for _ in range(steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
-            if step == total_steps:
-                break
-            local_loss = torch.zeros((), device=device)
-            local_correct = torch.zeros((), device=device)
-            for i in range(args.gradient_accumulation_steps):
-                batch = {k: v.to(device) for k, v in next(micro_batches).items()}
-                # Only the last micro-step all-reduces gradients; the others accumulate locally (no_sync).
-                last = i == args.gradient_accumulation_steps - 1
-                with (nullcontext() if last else no_sync(model)), autocast:
-                    scores = end_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-                    preferred_scores, rejected_scores = scores.chunk(2)  # (B,), (B,)
-                    loss = preference_loss(args.objective, preferred_scores, rejected_scores, batch, args.regularization)
-                # every micro-batch holds the same number of pairs, so the mean of micro-batch means is the
-                # global mean (DDP averages over ranks)
-                (loss / args.gradient_accumulation_steps).backward()
-                local_loss += loss.detach() / args.gradient_accumulation_steps
-                local_correct += correct_order(args.objective, preferred_scores, rejected_scores).float().mean().detach() / args.gradient_accumulation_steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-            train_stats = torch.stack([local_loss, local_correct])
-            dist.all_reduce(train_stats)
-            train_loss, train_accuracy = (train_stats / args.world_size).tolist()
-            check_finite({"the training loss": train_loss, "the gradient norm": grad_norm.item()}, f"at step {step + 1}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}")
-            if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
-                log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy,
-                                                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()})
-            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                save_state(args.output_dir, step, {"model": (model, optimizer)}, {"step": step, "scheduler": scheduler.state_dict()}, rank)
-        if eval_examples:
-            eval_metrics, eval_scores = evaluate()
-            if rank == 0:
-                progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-                log_metrics(partial, tracker, step, {"step": step, "epoch": epoch + 1, **eval_metrics})
-        if step == total_steps:
-            break
-    progress.close()
+    metrics = {"eval/loss": (loss_sum / counts[0]).item(), "eval/accuracy": (counts[1] / counts[0]).item()}
+    if args.objective == "cost":
+        metrics["eval/sign_accuracy"] = (counts[3] / counts[2]).item()
+    return metrics, scores
 
-    # ---- save: the checkpoint, with its objective in the config so that later stages can check it ----
+
+def save_score_model(args, model, tokenizer, partial, lock, tracker, rank, device, start_time, evaluation, eval_scores):
+    """The checkpoint, with its objective in the config so that the later stages can check it, and (with evaluation
+    data) eval.json and the score histogram; written to OUTPUT_DIR.partial and renamed into place when complete.
+    Every rank takes part (under FSDP the weights are gathered from the shards). Never a non-finite model."""
     check_finite_weights([model], device)
-    unwrapped = unwrap(model)
-    unwrapped.config.objective = args.objective
-    unwrapped.config.use_cache = True
-    save_model(unwrapped, partial, rank)  # every rank takes part: under FSDP the weights are gathered from the shards
+    unwrap(model).config.objective = args.objective
+    unwrap(model).config.use_cache = True
+    save_model(unwrap(model), partial, rank)
     if rank == 0:
         stop_tracker(tracker)
         tokenizer.save_pretrained(partial)
-        (partial / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        if eval_examples:
-            (partial / "eval.json").write_text(json.dumps({**eval_metrics, "eval/pairs": len(eval_examples), "eval/identical_pairs_skipped": eval_identical}, indent=2))
+        write_args(partial, args, "preference_model.py")
+        if evaluation["eval/pairs"]:
+            (partial / "eval.json").write_text(json.dumps(evaluation, indent=2))
             plot_score_histogram(eval_scores, args.objective, partial / "score_histogram.png")
-        finish_output_dir(partial, args.output_dir)
-        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if device.type == "cuda" else ")"))
+        finish_output_dir(partial, args.output_dir, lock)
+        memory = (
+            f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        )
+        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s{memory})")
     dist.barrier()
     dist.destroy_process_group()
-    return {"model": unwrapped, "metrics": eval_metrics}  # for tests that compare ranks
 
 
 # ---- outputs ----
 def plot_score_histogram(scores, objective, path):
     """Eval end scores split by label: better vs worse answers (reward), safe vs unsafe answers (cost)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(6, 4))
     if objective == "reward":
         groups = {"better answer": scores["preferred"], "worse answer": scores["rejected"]}
     else:
-        answers = list(zip(scores["preferred"] + scores["rejected"], scores["preferred_is_safe"] + scores["rejected_is_safe"]))
-        groups = {"labelled safe": [s for s, safe in answers if safe], "labelled unsafe": [s for s, safe in answers if not safe]}
+        answers = list(
+            zip(scores["preferred"] + scores["rejected"], scores["preferred_is_safe"] + scores["rejected_is_safe"])
+        )
+        groups = {
+            "labelled safe": [s for s, safe in answers if safe],
+            "labelled unsafe": [s for s, safe in answers if not safe],
+        }
     bins = np.linspace(min(min(v) for v in groups.values() if v), max(max(v) for v in groups.values() if v), 40)
     for label, values in groups.items():
         axis.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
@@ -406,8 +522,24 @@ def parse_args(args_class):
     """The Args dataclass from the command line, Hugging Face style: `--name value`, `--flag` / `--no_flag`, the
     help of each flag from its field, the module docstring as the description of `--help`."""
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    parser = HfArgumentParser(args_class, description=sys.modules[args_class.__module__].__doc__, formatter_class=formatter)
+    description = sys.modules[args_class.__module__].__doc__
+    parser = HfArgumentParser(args_class, description=description, formatter_class=formatter)
     return parser.parse_args_into_dataclasses()[0]
+
+
+def require(args, names, ok, allowed):
+    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag."""
+    for name in names.split():
+        if not ok(getattr(args, name)):
+            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+
+
+def require_finite(args):
+    """Every float argument a number: NaN would pass every range check above unnoticed (NaN > 0 is False, so is
+    NaN <= 0), and infinity is no learning rate, limit or coefficient."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name} {value}: must be a finite number")
 
 
 def setup_distributed():
@@ -424,99 +556,299 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def require(args, names, ok, allowed):
-    """Arguments (space-separated names) checked right after parsing: a bad value is one line naming the flag and its range."""
-    for name in names.split():
-        if not ok(getattr(args, name)):
-            raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
+def mixed_precision(enabled, device):
+    """bf16 autocast where asked for and supported (CUDA with bf16), else fp32: (bf16 used?, the autocast context)."""
+    use_bf16 = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return use_bf16, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def check_output_dir(output_dir, inputs):
-    """Before any work: refuse an output directory that is a file, lies in an unwritable place, or is, contains or lies
-    inside one of the local inputs (finishing the run would replace that input)."""
+def sibling(output_dir, suffix):
+    """OUTPUT_DIR.partial (the run's working directory) or OUTPUT_DIR.old, beside OUTPUT_DIR. The path is resolved
+    first, so that `.`, `..` or a trailing slash name the directory itself."""
     output = Path(output_dir).resolve()
-    if output.is_file():
-        raise InputError(f"--output_dir {output_dir}: an existing file; give a directory")
+    return output.with_name(output.name + suffix)
+
+
+def finished_by(directory):
+    """The script whose finished output DIRECTORY is (the "script" its args.json names), or None."""
+    try:
+        return json.loads((Path(directory) / "args.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_locked(lock_file):
+    """Whether a live process holds the run lock on LOCK_FILE (a killed process's lock dies with it)."""
+    with open(lock_file, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return False
+
+
+def check_output_dir(output_dir, overwrite, script, inputs):
+    """Before any work, on every rank, reading only: OUTPUT_DIR must be a place this run may write and, at the end,
+    replace. Refused: a file, a path under a file, an unwritable place, the current directory or one that holds it,
+    a directory that is, holds or lies inside a local input (INPUTS: {flag: path}); an existing non-empty directory
+    that is not a finished output of SCRIPT, unless --overwrite_output_dir; an OUTPUT_DIR.partial that another live
+    run is writing, or one this code did not make (no .lock in it), unless --overwrite_output_dir."""
+    output, flag = Path(output_dir).resolve(), f"--output_dir {output_dir}"
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if existing.is_file():
+        raise InputError(f"{flag}: {existing} is a file" + ("; give a directory" if existing == output else ""))
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"{flag}: {existing} is not writable")
+    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
+        raise InputError(f"{flag}: is the current directory or holds it; give a directory of its own")
     for name, value in inputs.items():
         source = Path(value).resolve() if value else None
         if source and source.exists() and (output == source or source in output.parents or output in source.parents):
-            raise InputError(f"--output_dir {output_dir}: is, contains or lies inside the input --{name} {value}; finishing would replace it")
-    existing = next(path for path in (output, *output.parents) if path.exists())
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
+            raise InputError(f"{flag}: is, holds or lies inside the input --{name} {value}; finishing would replace it")
+    if output.is_dir() and any(output.iterdir()) and finished_by(output) != script and not overwrite:
+        raise InputError(
+            f"{flag}: exists and is not a finished output of {script} (its args.json would say so), so this run will "
+            "not replace it; give a new directory, or --overwrite_output_dir to replace it and everything in it"
+        )
+    partial = sibling(output_dir, ".partial")
+    if (partial / ".lock").is_file() and is_locked(partial / ".lock"):
+        raise InputError(f"{flag}: another run is writing it (it holds the lock on {partial}); wait for it to end")
+    if partial.exists() and not (partial / ".lock").is_file() and not overwrite:
+        raise InputError(
+            f"{flag}: {partial} exists but was not made by these scripts (no .lock in it); remove it, or give "
+            "--overwrite_output_dir to let this run empty it"
+        )
+
+
+def resumable_states(output_dir, resume, overwrite):
+    """The saved states OUTPUT_DIR.partial/checkpoint-N of a stopped run, newest first: what --resume continues from
+    ([] without --resume). Saved states are never dropped silently: a run without --resume that finds some is refused,
+    unless --overwrite_output_dir."""
+    partial = sibling(output_dir, ".partial")
+    states = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]), reverse=True)
+    if resume and not states:
+        raise InputError(f"--resume: no saved state (checkpoint-N) in {partial} to resume from")
+    if states and not resume and not overwrite:
+        raise InputError(
+            f"{partial} holds the saved states {', '.join(path.name for path in states)} of a stopped run: pass "
+            "--resume to continue it, or --overwrite_output_dir to start over"
+        )
+    return states if resume else []
+
+
+def start_output_dir(output_dir, resume, rank):
+    """Every rank calls it; rank 0 makes OUTPUT_DIR.partial, the run's working directory, and holds a lock on its
+    .lock file until the run ends: a second run into the same output is refused, and a killed run's lock dies with
+    it. Without --resume the directory is emptied of a stopped run's files. A final swap that a kill interrupted
+    (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone. Returns (OUTPUT_DIR.partial, the lock) on rank 0, else Nones."""
+    partial, old, output = sibling(output_dir, ".partial"), sibling(output_dir, ".old"), Path(output_dir).resolve()
+    lock, message = None, [None]
+    if rank == 0:
+        partial.mkdir(parents=True, exist_ok=True)
+        lock = open(partial / ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message[0] = f"--output_dir {output_dir}: another run is writing it (it holds the lock on {partial})"
+    dist.broadcast_object_list(message, src=0)  # every rank stops alike, or none does
+    if message[0]:
+        raise InputError(message[0])
+    if rank != 0:
+        return None, None
+    if old.exists() and not output.exists():
+        old.rename(output)
+    for path in [] if resume else [path for path in partial.iterdir() if path.name != ".lock"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return partial, lock
+
+
+def finish_output_dir(partial, output_dir, lock):
+    """Rank 0: swap the finished directory in with renames, so OUTPUT_DIR is never half-written, then let go of the
+    lock. The resumable states (checkpoint-N) are not part of the finished output."""
+    for checkpoint in partial.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    output, old = Path(output_dir).resolve(), sibling(output_dir, ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output.exists():
+        output.rename(old)
+    partial.rename(output)
+    (output / ".lock").unlink()
+    lock.close()
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_args(directory, args, script):
+    """args.json: every argument, and the script that wrote the directory (what makes it a finished output)."""
+    (directory / "args.json").write_text(json.dumps({"script": script, **dataclasses.asdict(args)}, indent=2))
 
 
 def check_finite(values, when):
-    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or infinite."""
+    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or
+    infinite."""
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
-        raise InputError(f"{', '.join(bad)} became NaN or infinite {when} ({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); stopped before the update, and OUTPUT_DIR was "
-                         "left as it was. Lower the learning rate, or check the data and the models")
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        raise InputError(
+            f"{', '.join(bad)} became NaN or infinite {when} ({numbers}); stopped before the update, and OUTPUT_DIR "
+            "was left as it was. Lower the learning rate, or check the data and the models"
+        )
 
 
 def check_finite_weights(models, device):
     """Every rank counts its (shards of) weights that hold a NaN or an infinity; a model is saved only if none does."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  an FSDP shard: this rank's part
-    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())), device=device)
+
+    def local(parameter):  # an FSDP shard: this rank's part
+        return parameter.to_local() if hasattr(parameter, "to_local") else parameter
+
+    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())))
+    bad = bad.to(device)
     dist.all_reduce(bad)
     if bad.item():
-        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was left as it was")
+        raise InputError(
+            f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was "
+            "left as it was"
+        )
 
 
 def load_rows(source, split):
-    """Rows (dicts) of a data set, read by `datasets.load_dataset`: a local .json/.jsonl/.parquet/.csv file, or a hub
-    data set NAME or NAME@REVISION. A field that a row lacks comes back as None."""
+    """Rows (dicts) of a data set: a local .jsonl file, read here line by line so that an error names its line; a
+    local .json/.parquet/.csv file or a hub data set NAME[@REVISION], read by `datasets.load_dataset`. A field that a
+    row lacks is missing or None."""
     import datasets
-    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(source).suffix)
-    if builder and not Path(source).is_file():
+
+    path = Path(source)
+    builder = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix.lower())
+    if builder and not path.is_file():
         raise InputError(f"{source}: no such file")
-    if not builder and Path(source).exists():
-        raise InputError(f"{source}: unknown format; give a .json, .jsonl, .parquet or .csv file, or a hub data set NAME[@REVISION]")
-    if builder and Path(source).stat().st_size == 0:
+    if not builder and path.exists():
+        raise InputError(f"{source}: unknown format; give a .jsonl, .json, .parquet or .csv file, or a hub data set")
+    if builder and path.stat().st_size == 0:
         raise InputError(f"{source}: no rows (the file is empty)")
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
-    name, _, revision = source.partition("@")
-    try:
-        if builder:
-            dataset = datasets.load_dataset(builder, data_files=source, split="train")
-        else:
-            dataset = datasets.load_dataset(name, split=split, revision=revision or None)
-        rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
-    except Exception as error:  # a malformed file (the library's message says where), offline, unknown name or split
-        cause = error.__cause__ or error
-        raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
+    if builder == "jsonl":
+        rows = read_jsonl(path)
+    else:
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
+        name, _, revision = source.partition("@")
+        try:
+            if builder:
+                dataset = datasets.load_dataset(builder, data_files=source, split="train")
+            else:
+                dataset = datasets.load_dataset(name, split=split, revision=revision or None)
+            rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
+        except (
+            Exception
+        ) as error:  # a malformed file (the library's message says where), offline, unknown name or split
+            cause = error.__cause__ or error
+            raise InputError(
+                f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}"
+            ) from None
     if not rows:
         raise InputError(f"{source}: no rows")
     return rows
 
 
+def read_jsonl(path):
+    """The rows of a JSON Lines file: one JSON object per line, blank lines skipped, in one pass. An error names the
+    line: two objects on one line, a trailing comma, text that is not UTF-8, a value that is not an object."""
+    rows = []
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                text = line.decode("utf-8")
+                row = json.loads(text) if text.strip() else None
+                if text.strip() and not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                raise InputError(f"{path}, row {number}: not one JSON object: {error}") from None
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
 def where(source, row_number):
-    """How an error names a row of a data file: by its line in a .jsonl file (reading skips blank lines), else its number."""
-    if Path(source).suffix == ".jsonl" and Path(source).is_file():
-        with open(source, encoding="utf-8", errors="replace") as file:
-            row_number = [number for number, line in enumerate(file, start=1) if line.strip()][row_number - 1]
+    """How an error names a row: by its line in a .jsonl file (blank lines hold no row), else by its number."""
+    if Path(source).suffix.lower() == ".jsonl":
+        row_number = jsonl_line_numbers(source)[row_number - 1]
     return f"{source}, row {row_number}"
 
 
+@functools.lru_cache(maxsize=4)
+def jsonl_line_numbers(source):
+    """The line of each row of a .jsonl file, read once however many rows an error check names."""
+    with open(source, "rb") as file:
+        return [number for number, line in enumerate(file, start=1) if line.strip()]
+
+
+def passes(loader, sampler, per_pass, skip):
+    """(epoch, micro-batch) of pass after pass over the data, each shuffled anew (the sampler's epoch, the same on
+    every rank), PER_PASS micro-batches a pass; the first SKIP left out (a resumed run has trained on them)."""
+    first_epoch, skip = divmod(skip, per_pass)
+    for epoch in itertools.count(first_epoch):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(itertools.islice(loader, per_pass)):
+            if epoch > first_epoch or i >= skip:  # (a resumed run loads the batches it already trained on, unused)
+                yield epoch, batch
+
+
+def data_loader(examples, args, collate_fn):
+    """Shuffled micro-batches of this rank's share; the loader has its own generator, so a resume's skipping of the
+    batches already seen leaves the global one alone."""
+    sampler = DistributedSampler(examples, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(
+        examples,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=collate_fn,
+    )
+    return sampler, loader
+
+
+def adamw(model, args, total_steps):
+    """AdamW (no decay on norms and biases) and the warm-up + schedule over TOTAL_STEPS."""
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
+    warmup = math.ceil(args.lr_warmup_ratio * total_steps)
+    return optimizer, get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+
+
 def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with one clear line when it fails (an empty or foreign directory, an unknown hub id, no network)."""
-    if Path(name_or_path).is_dir() and not any(Path(name_or_path).iterdir()):
+    """from_pretrained with one clear line when it fails (an empty or foreign directory, a directory without a
+    tokenizer, an unknown hub id, no network)."""
+    path = Path(name_or_path)
+    if path.is_dir() and not any(path.iterdir()):
         raise InputError(f"{name_or_path}: an empty directory, not a Hugging Face model")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if model_class is AutoTokenizer and path.is_dir() and not any((path / name).is_file() for name in tokenizer_files):
+        raise InputError(f"{name_or_path}: holds no tokenizer (none of {', '.join(tokenizer_files)})")
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
     except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
-                         f"the hub): {' '.join(str(error).split())}") from None
+        raise InputError(
+            f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
+            f"the hub): {' '.join(str(error).split())}"
+        ) from None
 
 
 def start_tracker(report_to, partial, args):
-    """The experiment tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
+    """The tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
     if report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(partial / "runs")
     if report_to == "wandb":
         import wandb  # optional: pip install wandb
+
         return wandb.init(config=dataclasses.asdict(args), dir=partial)
     return None
 
@@ -538,98 +870,160 @@ def stop_tracker(tracker):
         tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
 
 
-def latest_checkpoint(output_dir):
-    """The newest resumable state, OUTPUT_DIR.partial/checkpoint-N (one that exists is complete), or None."""
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
-    checkpoints = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
-    return checkpoints[-1] if checkpoints else None
+def progress_bar(total, desc, rank, initial=0):
+    """A tqdm bar on rank 0: live in a terminal; in a log file one line every 30 s, not one per step."""
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=rank != 0, mininterval=0.1 if sys.stderr.isatty() else 30
+    )
 
 
-def save_state(output_dir, step, modules, rank_state, rank):
+def start_run(args, rank, saved_states, model, optimizer, scheduler):
+    """OUTPUT_DIR.partial (locked), the tracker, and with --resume the saved state put back (model, AdamW, schedule,
+    generators; the data position is the step). Returns (partial, lock, tracker, step)."""
+    partial, lock = start_output_dir(args.output_dir, args.resume, rank)
+    tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
+    if not saved_states:
+        return partial, lock, tracker, 0
+    _, saved = load_state(saved_states, args, {"model": (model, optimizer)}, rank)
+    scheduler.load_state_dict(saved["scheduler"])
+    if rank == 0:
+        trim_metrics(partial, "step", saved["step"])
+    return partial, lock, tracker, saved["step"]
+
+
+def save_state(output_dir, step, modules, rank_state, args, rank):
     """OUTPUT_DIR.partial/checkpoint-N (N: optimiser steps, or rollouts): models and optimisers through
-    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), and per rank its counters, schedules
-    and random-number generators. Written as checkpoint-N.tmp, renamed when complete; the newest two are kept."""
+    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), per rank its counters, schedules and
+    random-number generators, and args.json (what a resume must match). Written as checkpoint-N.tmp, renamed when
+    complete; the newest two are kept."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    partial = Path(output_dir).with_name(Path(output_dir).name + ".partial")
-    tmp = partial / f"checkpoint-{step}.tmp"
-    dcp.save({name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()},
-             checkpoint_id=tmp)
-    generators = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    partial = sibling(output_dir, ".partial")
+    tmp, final = partial / f"checkpoint-{step}.tmp", partial / f"checkpoint-{step}"
+    if rank == 0 and tmp.exists():  # a save that a kill cut short
+        shutil.rmtree(tmp)
+    dist.barrier()
+    state = {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+    dcp.save(state, checkpoint_id=tmp)
+    generators = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     torch.save({**rank_state, "generators": generators}, tmp / f"rank{rank}.pt")
     dist.barrier()  # every rank's part is written
     if rank == 0:
-        tmp.rename(partial / f"checkpoint-{step}")
+        (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if final.exists():  # a state that could not be loaded (a resume went back past it): this one replaces it
+            shutil.rmtree(final)
+        tmp.rename(final)
         for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))[:-2]:
             shutil.rmtree(old)
     dist.barrier()
 
 
-def load_state(checkpoint, modules, rank):
-    """Put a saved state back: models and optimisers in place, this rank's generators restored; returns its counters."""
+def load_state(states, args, modules, rank):
+    """Put the newest saved state of STATES that loads back: models and optimisers in place, this rank's generators
+    restored; returns its counters. A state saved with other training arguments is refused (a resume continues the
+    same run); a state that cannot be read (cut short, a file missing) is named, and the older one is tried."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if not (checkpoint / f"rank{rank}.pt").is_file():
-        raise InputError(f"{checkpoint}: saved by fewer processes than this run has; resume with the same number of processes")
-    state = {name: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) for name, (model, optimizer) in modules.items()}
-    dcp.load(state, checkpoint_id=checkpoint)
-    for name, (model, optimizer) in modules.items():
-        set_state_dict(model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"])
-    rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
-    generators = rank_state.pop("generators")
-    random.setstate(generators["python"])
-    np.random.set_state(generators["numpy"])
-    torch.set_rng_state(generators["torch"])
-    if generators["cuda"]:
-        torch.cuda.set_rng_state_all(generators["cuda"])
-    return rank_state
+
+    failures = []
+    for checkpoint in states:
+        try:
+            saved_args = json.loads((checkpoint / "args.json").read_text())
+            check_same_run(saved_args, dataclasses.asdict(args), checkpoint)
+            state = {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+            dcp.load(state, checkpoint_id=checkpoint)
+            rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
+            failure = None
+        except InputError:
+            raise
+        except (Exception, dcp.api.CheckpointException) as error:  # a file cut short or missing (first line of why)
+            failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        loaded = torch.tensor(float(failure is None))
+        dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # every rank takes the same state, or none takes it
+        if loaded.item():
+            for name, (model, optimizer) in modules.items():
+                set_state_dict(
+                    model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"]
+                )
+            generators = rank_state.pop("generators")
+            random.setstate(generators["python"])
+            np.random.set_state(generators["numpy"])
+            torch.set_rng_state(generators["torch"])
+            if generators["cuda"]:
+                torch.cuda.set_rng_state_all(generators["cuda"])
+            return checkpoint, rank_state
+        failures.append(f"{checkpoint.name}: {failure or 'unreadable on another rank'}")
+        if rank == 0:
+            logging.warning(f"{checkpoint} cannot be loaded ({failures[-1]}); trying an older state")
+    raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded ({'; '.join(failures)})")
 
 
-def start_output_dir(output_dir, resume=False):
-    """Work in OUTPUT_DIR.partial (kept with --resume), renamed into place by finish_output_dir. A final swap that a
-    kill interrupted (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone first: the previous output comes back."""
-    output_dir = Path(output_dir)  # Path() drops a trailing slash
-    partial, old = (output_dir.with_name(output_dir.name + suffix) for suffix in (".partial", ".old"))
-    if old.exists() and not output_dir.exists():
-        old.rename(output_dir)
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    return partial
+RESUME_MAY_CHANGE = (  # what a resume may change: none of it moves a number of the run
+    "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing save_critics"
+).split()
 
 
-def finish_output_dir(partial, output_dir):
-    """Swap the finished directory in with renames, so OUTPUT_DIR is never half-written; the resumable states
-    (checkpoint-N) are not part of the finished output."""
-    for checkpoint in partial.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint)
-    output_dir = Path(output_dir)
-    old = output_dir.with_name(output_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if output_dir.exists():
-        output_dir.rename(old)
-    partial.rename(output_dir)
-    if old.exists():
-        shutil.rmtree(old)
+def check_same_run(saved, current, checkpoint):
+    """A resume continues the run that was saved: every argument that shapes training (learning rates and schedules,
+    batch sizes, the number of processes, data, seed, --max_steps and --epochs, which lay out the schedule) must be as
+    it was. Only what leaves the numbers alone may change (RESUME_MAY_CHANGE)."""
+    for name, value in current.items():
+        if name in RESUME_MAY_CHANGE or saved.get(name) == value:
+            continue
+        if name == "world_size":
+            raise InputError(
+                f"--resume: {checkpoint} was saved by {saved[name]} processes and this run has {value}; resume with "
+                f"torchrun --nproc_per_node={saved[name]}"
+            )
+        raise InputError(
+            f"--resume: --{name} is {value!r} but was {saved.get(name)!r} in the saved run ({checkpoint}); a resume "
+            "continues the same run: give the same value, or start over with --overwrite_output_dir"
+        )
 
 
-def wrap_model(model, device, fsdp, bf16, trained=True):
-    """--fsdp: FSDP2 units for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
-    then the root (the module whose forward is called: our Critic); bf16 compute, fp32 masters and reductions on CUDA.
-    Otherwise DDP around a trained model (it broadcasts rank 0's weights, all-reduces gradients); frozen models and a
-    world of one stay bare (DDP's gradient buckets would only cost time, ~8% of a CPU step)."""
+def trim_metrics(partial, key, last):
+    """On --resume: metrics.jsonl keeps its rows up to the saved state (the later ones are written again); a last
+    line that the kill cut short is dropped."""
+    path, kept = partial / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get(key, math.inf) <= last:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
+def fsdp_shard(model, bf16, reshard_root):
+    """FSDP2: one unit for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
+    then the root (the module whose forward is called: our Critic too); bf16 compute, fp32 masters and reductions on
+    CUDA. RESHARD_ROOT: free the root's weights after its forward too (None: FSDP's default, keep them for the
+    backward that comes next)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_root)
+
+
+def wrap_trained_model(model, device, fsdp, bf16):
+    """A model that is trained: sharded with --fsdp; otherwise under DDP (it broadcasts rank 0's weights and
+    all-reduces the gradients), or bare in a world of one (DDP's gradient buckets would only cost time)."""
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
-        for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
-            fully_shard(layer, mp_policy=policy)
-        # a trained root stays gathered after its forward (the backward needs it next); a frozen one has no backward
-        return fully_shard(model, mp_policy=policy, reshard_after_forward=True if not trained else None)
+        return fsdp_shard(model, bf16, reshard_root=None)
     model = model.to(device)
-    if not trained or dist.get_world_size() == 1:
+    if dist.get_world_size() == 1:
         return model
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -657,25 +1051,35 @@ def no_sync(model):
 
 
 def save_model(model, path, rank):
-    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict is
-    gathered from the shards, to the CPU), rank 0 writes it with save_pretrained."""
+    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict
+    is gathered from the shards, to the CPU), rank 0 writes it with save_pretrained. A tied weight (the LM head that
+    is the embedding) is saved once, under its first name, as save_pretrained does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names_of = {}  # a parameter under two names (tied): gathered apart they are two tensors; make them one again
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    for first, *aliases in names_of.values():
+        state_dict.update({alias: state_dict[first] for alias in aliases if alias in state_dict})
     if rank == 0:
         model.save_pretrained(path, state_dict=state_dict)
 
 
-def trained_state_bytes(models):
-    """This rank's trained state: fp32 weights, gradients and AdamW's two moments, 16 bytes a parameter (FSDP: its shard)."""
-    return 16 * sum((p.to_local() if hasattr(p, "to_local") else p).numel() for model in models for p in model.parameters())
+def describe_memory(models, fsdp):
+    """The start-up line's memory: this rank's trained state, fp32 weights, gradients and AdamW's two moments, 16
+    bytes a parameter (under FSDP its shard)."""
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for m in models for p in m.parameters())
+    return f"{'FSDP' if fsdp else 'DDP'}: {16 * local / 2**30:.2f} GiB of weights, gradients and AdamW states per rank"
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as error:  # one line, printed once: under torchrun every rank meets the same error
-        for progress_bar in list(tqdm._instances):  # closed now: a bar closed later would print after the error line
-            progress_bar.close()
+    except (InputError, KeyboardInterrupt) as error:  # one line, printed once: under torchrun every rank meets it
+        for bar in list(tqdm._instances):  # closed now: a bar closed later would print after the line
+            bar.close()
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+            interrupted = "interrupted: the output directory was left as it was"
+            print(f"error: {error}" if isinstance(error, InputError) else interrupted, file=sys.stderr)
+        sys.exit(1 if isinstance(error, InputError) else 130)

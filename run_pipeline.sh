@@ -33,53 +33,92 @@
 # Every stage runs under torchrun with one process per GPU, or one process on a CPU-only machine. The global
 # batch sizes stay the same whatever the number of processes (each is divided by it).
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "$0")" && pwd)
+fail() { echo "error: $*" >&2; exit 1; }
+from_caller() { realpath -m -- "$1"; }  # a path as the caller meant it: from the caller's directory
 
-DATA=data/toy
-OUT=runs/toy
+DATA=$REPO/data/toy
+OUT=$REPO/runs/toy
 SEED=0
 SMOKE=0
 ROUNDS=1
 JUDGE_SPEC=default
+OVERWRITE=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) DATA=$2; shift 2 ;;
-    --out) OUT=$2; shift 2 ;;
-    --seed) SEED=$2; shift 2 ;;
+    --data|--out|--seed|--rounds|--judge)
+      [ $# -ge 2 ] && [ -n "$2" ] || fail "$1: needs a value (bash run_pipeline.sh --help-less usage is in its first lines)"
+      case "$1" in
+        --data) DATA=$(from_caller "$2") ;;
+        --out) OUT=$(from_caller "$2") ;;
+        --seed) SEED=$2 ;;
+        --rounds) ROUNDS=$2 ;;
+        --judge) JUDGE_SPEC=$2 ;;
+      esac
+      shift 2 ;;
     --smoke) SMOKE=1; shift ;;
-    --rounds) ROUNDS=$2; shift 2 ;;
-    --judge) JUDGE_SPEC=$2; shift 2 ;;
-    *) echo "error: unknown argument '$1' (expected --data DIR, --out DIR, --seed N, --judge SPEC, --rounds N or --smoke)" >&2; exit 1 ;;
+    --overwrite) OVERWRITE=1; shift ;;
+    *) fail "unknown argument '$1' (expected --data DIR, --out DIR, --seed N, --judge SPEC, --rounds N, --smoke or --overwrite)" ;;
   esac
-done
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --rounds $ROUNDS: must be a whole number, at least 1" >&2; exit 1; }
-if [ "$JUDGE_SPEC" = default ]; then
-  JUDGE_SPEC=none
-  case "$(realpath "$DATA")" in  # the oracle knows the toy worlds only
-    "$(realpath data/toy)" | "$(realpath data/toy_small)") JUDGE_SPEC=toy ;;
-  esac
-fi
-if [ "$JUDGE_SPEC" != none ] && [ "$JUDGE_SPEC" != toy ] && [ ! -f "$JUDGE_SPEC" ]; then
-  echo "error: --judge $JUDGE_SPEC: no such file (expected toy, none or a Python file defining judge(prompt, answer))" >&2; exit 1
-fi
-if (( ROUNDS > 1 )) && [ "$JUDGE_SPEC" = none ]; then
-  echo "error: --rounds $ROUNDS: every round after the first labels new answers with a judge; give --judge toy|FILE.py" >&2; exit 1
-fi
-for file in sft.jsonl preference_train.jsonl preference_test.jsonl prompts.jsonl eval_prompts.jsonl; do
-  [ -f "$DATA/$file" ] || { echo "error: $DATA/$file: no such file (run python data/toy_world.py, or give --data DIR)" >&2; exit 1; }
 done
 
-# one process per GPU, or one on a CPU-only machine
+# ---- every check before the first stage ----
+[[ "$SEED" =~ ^[0-9]+$ ]] && (( ${#SEED} < 10 )) || fail "--seed $SEED: must be a whole number in [0, 2^31)"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || fail "--rounds $ROUNDS: must be a whole number, at least 1"
+for file in sft.jsonl preference_train.jsonl preference_test.jsonl prompts.jsonl eval_prompts.jsonl; do
+  [ -f "$DATA/$file" ] || fail "$DATA/$file: no such file (run python data/toy_world.py, or give --data DIR)"
+done
+grep -q '[^[:space:]]' "$DATA/prompts.jsonl" || fail "$DATA/prompts.jsonl: no prompts"
+case "$OUT/" in "$DATA/"*) fail "--out $OUT: is or lies inside --data $DATA; the runs would be written among the data" ;; esac
+case "$DATA/" in "$OUT/"*) fail "--out $OUT: holds --data $DATA; give an output directory of its own" ;; esac
+if [ "$JUDGE_SPEC" = default ]; then
+  JUDGE_SPEC=none
+  case "$DATA" in "$REPO/data/toy" | "$REPO/data/toy_small") JUDGE_SPEC=toy ;; esac  # the oracle knows the toy worlds only
+elif [ "$JUDGE_SPEC" != none ] && [ "$JUDGE_SPEC" != toy ]; then
+  JUDGE_SPEC=$(from_caller "$JUDGE_SPEC")
+fi
+if (( ROUNDS > 1 )) && [ "$JUDGE_SPEC" = none ]; then
+  fail "--rounds $ROUNDS: every round after the first labels new answers with a judge; give --judge toy|FILE.py"
+fi
+if [ "$JUDGE_SPEC" != none ]; then  # imported and tried on a probe now, not after minutes of training
+  (cd "$REPO" && HF_HUB_OFFLINE=1 python -c 'import sys, evaluate
+try:
+    evaluate.load_judge(sys.argv[1])
+except evaluate.InputError as error:
+    sys.exit(f"error: {error}")' "$JUDGE_SPEC") || exit 1
+fi
+SETTINGS="{\"data\": \"$DATA\", \"seed\": $SEED, \"rounds\": $ROUNDS, \"judge\": \"$JUDGE_SPEC\", \"smoke\": $SMOKE}"
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2> /dev/null | grep -v '^\.lock$')" ] && (( ! OVERWRITE )); then
+  [ -f "$OUT/pipeline.json" ] || fail "--out $OUT: exists and is not an output of run_pipeline.sh (no pipeline.json); give a new directory, or --overwrite to replace it"
+  python3 - "$OUT/pipeline.json" "$SETTINGS" << 'PYTHON' || exit 1
+import json, sys
+saved, wanted = json.loads(open(sys.argv[1]).read())["settings"], json.loads(sys.argv[2])
+changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value]
+if changed:
+    sys.exit(f"error: --out {sys.argv[1].rsplit('/', 1)[0]}: was run with other settings ({', '.join(changed)}); "
+             "give a new directory, or --overwrite to replace it")
+PYTHON
+fi
+mkdir -p "$OUT"
+exec 9>> "$OUT/.lock"  # one pipeline per output: the lock dies with the process that holds it
+flock -n 9 || fail "--out $OUT: another run_pipeline.sh is writing it"
+if (( OVERWRITE )); then find "$OUT" -mindepth 1 -maxdepth 1 ! -name .lock -exec rm -rf {} +; fi
+python3 -c 'import json, sys; print(json.dumps({"settings": json.loads(sys.argv[1]), "finished": False}, indent=2))' \
+  "$SETTINGS" > "$OUT/pipeline.json"
+cd "$REPO"
+
+# one process per GPU, or one on a CPU-only machine (plain python there: no launcher, and no launcher's report when a
+# stage fails)
 NPROC=1
 if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
   NPROC=$(nvidia-smi -L | wc -l)
 fi
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
+if (( NPROC == 1 )); then RUN=python; fi
 per_device() { echo $(( $1 / NPROC )); }  # a global batch size, split over the processes
 for global_batch in 32 16; do  # the global batch sizes below must split exactly, or the runs would differ by machine
   if (( global_batch % NPROC )); then
-    echo "error: the global batch size $global_batch does not split over $NPROC processes; run on 1, 2 or a divisor of 16" >&2
-    exit 1
+    fail "the global batch size $global_batch does not split over $NPROC processes; run on 1, 2 or a divisor of 16"
   fi
 done
 
@@ -98,14 +137,21 @@ if [ "$JUDGE_SPEC" != none ]; then JUDGE=(--judge "$JUDGE_SPEC"); fi
 LABEL_PROMPTS=250  # fresh PPO-prompt rows per later round (round K answers rows (K-2)*250+1 .. (K-1)*250)
 if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; fi
 
-mkdir -p "$OUT"
 TIMES="$OUT/timings.txt"
 : > "$TIMES"
-stage() {  # stage NAME COMMAND...: run it, and record how long it took
-  local name=$1 start=$SECONDS
+mkdir -p "$OUT/logs"
+CURRENT=none
+trap 'echo "interrupted during stage $CURRENT: each stage replaces its output only when it is done, so every output in $OUT is whole" >&2; exit 130' INT
+stage() {  # stage NAME COMMAND...: run it, its output to OUT/logs/NAME.log; one line when it ends (or fails)
+  local name=$1 start=$SECONDS log="$OUT/logs/${1//\//_}.log"
   shift
-  echo "==== $name: $*"
-  "$@"
+  CURRENT=$name
+  echo "==== $name (log: $log)"
+  if ! "$@" > "$log" 2>&1; then
+    local cause
+    cause=$(grep -a '^error: ' "$log" | tail -n 1 || true)
+    fail "stage $name failed: ${cause#error: }${cause:+; }its log: $log (last line: $(tail -n 1 "$log" | tr -d '\r' | cut -c1-200))"
+  fi
   echo "$name $(( SECONDS - start )) s" | tee -a "$TIMES"
 }
 
@@ -233,6 +279,8 @@ PYTHON
 fi
 
 cp "$OUT/eval/training_curves.png" "$OUT/training_curves.png"
+python3 -c 'import json, sys; print(json.dumps({"settings": json.loads(sys.argv[1]), "finished": True}, indent=2))' \
+  "$SETTINGS" > "$OUT/pipeline.json"
 echo
 echo "==== results (seed $SEED; every table in $OUT/eval/report.md)"
 sed -n '/^## Policies/,/^## Arena/p' "$OUT/eval/report.md" | sed '$d'
