@@ -20,7 +20,9 @@ result = stage.main()
 if isinstance(result, torch.nn.Module):
     result = {"model": result}
 local = lambda tensor: tensor.to_local() if hasattr(tensor, "to_local") else tensor  # noqa: E731  an FSDP shard: this rank's part
-state = {name: {key: local(t) for key, t in value.state_dict().items()} if isinstance(value, torch.nn.Module) else value
-         for name, value in result.items()}
+state = {
+    name: {key: local(t) for key, t in value.state_dict().items()} if isinstance(value, torch.nn.Module) else value
+    for name, value in result.items()
+}
 Path(dump_dir).mkdir(parents=True, exist_ok=True)
 torch.save(state, Path(dump_dir) / f"rank{os.environ.get('RANK', '0')}.pt")

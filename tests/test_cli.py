@@ -12,19 +12,68 @@ import preference_model
 import sft
 
 REFERENCE_DEFAULTS = {  # reference note §1-§3 (7B settings), scripts/sft.sh, reward-model.sh, cost-model.sh, ppo-lag.sh
-    sft: dict(epochs=3, lr=2e-5, lr_scheduler="cosine", lr_warmup_ratio=0.03, weight_decay=0.0, per_device_train_batch_size=4,
-              gradient_accumulation_steps=8, max_length=512, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, seed=42,
-              bf16=True, gradient_checkpointing=True),
-    preference_model: dict(epochs=2, lr=2e-5, lr_scheduler="cosine", lr_warmup_ratio=0.03, weight_decay=0.1,
-                           per_device_train_batch_size=16, gradient_accumulation_steps=1, max_length=512, regularization=0.001,
-                           seed=42, bf16=True, gradient_checkpointing=True),
-    ppo_lagrangian: dict(epochs=1, update_iters=1, per_device_prompt_batch_size=16, per_device_train_batch_size=16,
-                         actor_lr=1e-5, actor_lr_scheduler="cosine", actor_lr_warmup_ratio=0.03, actor_weight_decay=0.01,
-                         critic_lr=5e-6, critic_lr_scheduler="constant", critic_lr_warmup_ratio=0.0, critic_weight_decay=0.0,
-                         clip_range_ratio=0.2, clip_range_score=50.0, clip_range_value=5.0, gamma=1.0, gae_lambda=0.95,
-                         cost_limit=0.0, lambda_init=1.0, lambda_lr=0.1, lambda_max=5.0, lambda_update_delay_steps=0,
-                         episode_cost_window_size=128, ptx_coeff=16.0, temperature=1.0, top_p=1.0, max_length=512,
-                         algorithm="ppo_lag", bf16=True, gradient_checkpointing=True),
+    sft: dict(
+        epochs=3,
+        lr=2e-5,
+        lr_scheduler="cosine",
+        lr_warmup_ratio=0.03,
+        weight_decay=0.0,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=8,
+        max_length=512,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        seed=42,
+        bf16=True,
+        gradient_checkpointing=True,
+    ),
+    preference_model: dict(
+        epochs=2,
+        lr=2e-5,
+        lr_scheduler="cosine",
+        lr_warmup_ratio=0.03,
+        weight_decay=0.1,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        max_length=512,
+        regularization=0.001,
+        seed=42,
+        bf16=True,
+        gradient_checkpointing=True,
+    ),
+    ppo_lagrangian: dict(
+        epochs=1,
+        update_iters=1,
+        per_device_prompt_batch_size=16,
+        per_device_train_batch_size=16,
+        actor_lr=1e-5,
+        actor_lr_scheduler="cosine",
+        actor_lr_warmup_ratio=0.03,
+        actor_weight_decay=0.01,
+        critic_lr=5e-6,
+        critic_lr_scheduler="constant",
+        critic_lr_warmup_ratio=0.0,
+        critic_weight_decay=0.0,
+        clip_range_ratio=0.2,
+        clip_range_score=50.0,
+        clip_range_value=5.0,
+        gamma=1.0,
+        gae_lambda=0.95,
+        cost_limit=0.0,
+        lambda_init=1.0,
+        lambda_lr=0.1,
+        lambda_max=5.0,
+        lambda_update_delay_steps=0,
+        episode_cost_window_size=128,
+        ptx_coeff=16.0,
+        temperature=1.0,
+        top_p=1.0,
+        max_length=512,
+        algorithm="ppo_lag",
+        bf16=True,
+        gradient_checkpointing=True,
+    ),
 }
 REFERENCE_KL_COEFF = {"ppo_lag": 0.01, "ppo": 0.02, "reward_shaping": 0.02}  # ppo-lag.sh, ppo.sh, ppo-reward-shaping.sh
 
@@ -41,8 +90,10 @@ def test_defaults_are_the_reference_settings(module, monkeypatch):
 
 
 def test_each_algorithm_defaults_to_the_reference_kl_coefficient(monkeypatch):
-    assert parse(ppo_lagrangian, [], monkeypatch).kl_coeff is None  # filled in from the algorithm right after parsing
     assert ppo_lagrangian.REFERENCE_KL_COEFF == REFERENCE_KL_COEFF
+    for algorithm, kl_coeff in REFERENCE_KL_COEFF.items():  # filled in from the algorithm right after parsing
+        assert parse(ppo_lagrangian, ["--algorithm", algorithm], monkeypatch).kl_coeff == kl_coeff
+    assert parse(ppo_lagrangian, ["--algorithm", "ppo", "--kl_coeff", "0.05"], monkeypatch).kl_coeff == 0.05
 
 
 @pytest.mark.parametrize("module", [sft, preference_model, ppo_lagrangian, evaluate], ids=lambda m: m.__name__)

@@ -14,7 +14,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import evaluate as ev
 from helpers import REPO, TINY_LLAMA, TOY, run_script
 
-OUTPUTS = ("answers.jsonl", "results.json", "report.md", "args.json", "reward_vs_cost.png", "policy_bars.png", "elo.png", "score_histogram.png")
+OUTPUTS = (
+    "answers.jsonl",
+    "results.json",
+    "report.md",
+    "args.json",
+    "reward_vs_cost.png",
+    "policy_bars.png",
+    "elo.png",
+    "score_histogram.png",
+)
 
 
 # ---- the pure functions ----
@@ -44,15 +53,28 @@ def test_elo_a_player_that_wins_every_match_ranks_first():
 
 
 def test_elo_ratings_are_the_same_across_runs():
-    scores = {"sft": [0.3, -1.0, 2.0, 0.5, 0.1, 0.0], "ppo": [0.9, -0.5, 1.0, 0.5, 0.2, 1.0], "rs": [0.1, 0.0, 3.0, -2.0, 0.3, 0.0]}
+    scores = {
+        "sft": [0.3, -1.0, 2.0, 0.5, 0.1, 0.0],
+        "ppo": [0.9, -0.5, 1.0, 0.5, 0.2, 1.0],
+        "rs": [0.1, 0.0, 3.0, -2.0, 0.3, 0.0],
+    }
     matches = ev.pairwise_matches(scores)
     first = ev.elo_ratings(matches, k=16, rounds=30, seed=7)
     assert ev.elo_ratings(matches, k=16, rounds=30, seed=7) == first
     # and in another interpreter, with another hash seed (no set or hash order may leak into the result)
-    code = ("import json, evaluate as ev; s = json.loads(input()); "
-            "print(json.dumps(ev.elo_ratings(ev.pairwise_matches(s), k=16, rounds=30, seed=7)))")
-    other = subprocess.run([sys.executable, "-c", code], input=json.dumps(scores), cwd=REPO, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    code = (
+        "import json, evaluate as ev; s = json.loads(input()); "
+        "print(json.dumps(ev.elo_ratings(ev.pairwise_matches(s), k=16, rounds=30, seed=7)))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(scores),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+        check=True,
+    )
     assert json.loads(other.stdout.strip().splitlines()[-1]) == first
 
 
@@ -66,10 +88,16 @@ def test_pairwise_matches_one_per_prompt_per_pair():
 def test_arena_counts_by_hand():
     rewards_a, costs_a = [1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 1.0, 0.0, 0.5, -1.0]
     rewards_b, costs_b = [2.0, 1.0, 3.0, 6.0, 0.0], [-1.0, 2.0, 0.0, 0.5, -2.0]
-    # prompt 1: better, safe | 2: worse, unsafe | 3: reward tie (not better), cost 0 (safe) | 4: better, unsafe | 5: worse, safe
+    # prompt 1: better, safe | 2: worse, unsafe | 3: reward tie (not better), cost 0 (safe) | 4: better, unsafe
+    # 5: worse, safe
     arena = ev.arena_counts(rewards_a, costs_a, rewards_b, costs_b)
     assert {k: arena[k] for k in ("prompts", "better_safe", "better_unsafe", "worse_safe", "worse_unsafe")} == {
-        "prompts": 5, "better_safe": 1, "better_unsafe": 1, "worse_safe": 2, "worse_unsafe": 1}
+        "prompts": 5,
+        "better_safe": 1,
+        "better_unsafe": 1,
+        "worse_safe": 2,
+        "worse_unsafe": 1,
+    }
     assert arena["worse_safe_share"] == pytest.approx(0.4)
     assert arena["helpfulness_win_rate"] == pytest.approx((2 + 0.5) / 5)  # wins on 1 and 4, a tie on 3
     assert arena["harmlessness_win_rate"] == pytest.approx((2 + 0.5 + 0.5) / 5)  # wins on 1 and 5, ties on 3 and 4
@@ -78,10 +106,20 @@ def test_arena_counts_by_hand():
 def test_rates_by_hand():
     assert ev.harmful_rate([-1.0, 0.0, 0.1, 2.0]) == 0.5  # cost 0 counts as safe
     assert ev.sign_accuracy([-1.0, 0.5, 0.2, -0.3], [True, False, True, False]) == 0.5
-    records = [{"reward": 1.0, "cost": 0.5, "length": 4, "oracle_harmful": True, "oracle_helpful": True},
-               {"reward": -1.0, "cost": -0.5, "length": 2, "oracle_harmful": True, "oracle_helpful": False}]
-    assert ev.policy_summary(records) == {"answers": 2, "mean_reward": 0.0, "mean_cost": 0.0, "harmful_rate": 0.5, "mean_length": 3.0,
-                                          "oracle_harmful_rate": 1.0, "oracle_helpful_rate": 0.5, "cost_oracle_agreement": 0.5}
+    records = [
+        {"reward": 1.0, "cost": 0.5, "length": 4, "oracle_harmful": True, "oracle_helpful": True},
+        {"reward": -1.0, "cost": -0.5, "length": 2, "oracle_harmful": True, "oracle_helpful": False},
+    ]
+    assert ev.policy_summary(records) == {
+        "answers": 2,
+        "mean_reward": 0.0,
+        "mean_cost": 0.0,
+        "harmful_rate": 0.5,
+        "mean_length": 3.0,
+        "oracle_harmful_rate": 1.0,
+        "oracle_helpful_rate": 0.5,
+        "cost_oracle_agreement": 0.5,
+    }
 
 
 # ---- runs on tiny models ----
@@ -95,10 +133,31 @@ def random_policy(tmp_path_factory):
 
 
 def evaluate_args(sft_checkpoint, random_policy, preference_models, output_dir):
-    return ["--policy", f"sft={sft_checkpoint}", "--policy", f"random={random_policy}", "--prompt_data", TOY / "eval_prompts.jsonl",
-            "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost", "--preference_data",
-            TOY / "preference_test.jsonl", "--judge", "toy", "--greedy", "--max_prompts", 24, "--max_new_tokens", 48,
-            "--max_length", 128, "--output_dir", output_dir]
+    return [
+        "--policy",
+        f"sft={sft_checkpoint}",
+        "--policy",
+        f"random={random_policy}",
+        "--prompt_data",
+        TOY / "eval_prompts.jsonl",
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+        "--preference_data",
+        TOY / "preference_test.jsonl",
+        "--judge",
+        "toy",
+        "--greedy",
+        "--max_prompts",
+        24,
+        "--max_new_tokens",
+        48,
+        "--max_length",
+        128,
+        "--output_dir",
+        output_dir,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +187,12 @@ def test_a_run_writes_every_output_and_results_agree_with_answers(greedy_run, pr
             assert summary["harmful_rate"] == pytest.approx(sum(a["cost"] > 0 for a in chosen) / len(chosen), abs=1e-12)
             assert summary["mean_reward"] == pytest.approx(sum(a["reward"] for a in chosen) / len(chosen), abs=1e-9)
             assert summary["mean_cost"] == pytest.approx(sum(a["cost"] for a in chosen) / len(chosen), abs=1e-9)
-            assert summary["oracle_harmful_rate"] == pytest.approx(sum(a["oracle_harmful"] for a in chosen) / len(chosen), abs=1e-12)
-            assert summary["oracle_helpful_rate"] == pytest.approx(sum(a["oracle_helpful"] for a in chosen) / len(chosen), abs=1e-12)
+            assert summary["oracle_harmful_rate"] == pytest.approx(
+                sum(a["oracle_harmful"] for a in chosen) / len(chosen), abs=1e-12
+            )
+            assert summary["oracle_helpful_rate"] == pytest.approx(
+                sum(a["oracle_helpful"] for a in chosen) / len(chosen), abs=1e-12
+            )
     # the arena of random (B) against sft (A), recounted from the lines
     (arena,) = results["arena"]
     pairs = list(zip(by_policy["sft"], by_policy["random"]))
@@ -152,11 +215,24 @@ def test_a_run_writes_every_output_and_results_agree_with_answers(greedy_run, pr
     assert "| sft |" in stdout and "## Arena" in stdout  # the final table on the terminal
 
 
-def test_two_processes_give_the_same_greedy_results(greedy_run, sft_checkpoint, random_policy, preference_models, tmp_path):
+def test_two_processes_give_the_same_greedy_results(
+    greedy_run, sft_checkpoint, random_policy, preference_models, tmp_path
+):
     output_dir, _ = greedy_run
-    answers = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("reward", "cost")} for line in (d / "answers.jsonl").read_text().splitlines()]
+
+    def answers(d):
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("reward", "cost")}
+            for line in (d / "answers.jsonl").read_text().splitlines()
+        ]
+
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # plain ranks, and every model sharded over the two ranks
-        run_script("evaluate.py", *evaluate_args(sft_checkpoint, random_policy, preference_models, tmp_path / name), *extra, nproc=2)
+        run_script(
+            "evaluate.py",
+            *evaluate_args(sft_checkpoint, random_policy, preference_models, tmp_path / name),
+            *extra,
+            nproc=2,
+        )
         one, two = (json.loads((d / "results.json").read_text()) for d in (output_dir, tmp_path / name))
         assert (one.pop("world_size"), two.pop("world_size")) == (1, 2)
         assert _approx_equal(one, two)
@@ -180,9 +256,28 @@ def _approx_equal(one, two, path="results"):
 
 def test_sampling_is_seeded_per_policy(sft_checkpoint, preference_models, tmp_path):
     # the same checkpoint under two names (given in one --policy): both are seeded alike, so they answer alike
-    run_script("evaluate.py", "--policy", f"first={sft_checkpoint}", f"second={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl",
-               "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost", "--max_prompts", 8,
-               "--max_new_tokens", 24, "--max_length", 128, "--seed", 5, "--output_dir", tmp_path / "out")
+    run_script(
+        "evaluate.py",
+        "--policy",
+        f"first={sft_checkpoint}",
+        f"second={sft_checkpoint}",
+        "--prompt_data",
+        TOY / "eval_prompts.jsonl",
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+        "--max_prompts",
+        8,
+        "--max_new_tokens",
+        24,
+        "--max_length",
+        128,
+        "--seed",
+        5,
+        "--output_dir",
+        tmp_path / "out",
+    )
     lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     first, second = [line["answer"] for line in lines[:8]], [line["answer"] for line in lines[8:]]
     assert first == second and len(set(first)) > 1
@@ -192,15 +287,36 @@ def test_sampling_is_seeded_per_policy(sft_checkpoint, preference_models, tmp_pa
 
 JUDGE_FILE = """
 def judge(prompt, answer):  # a stand-in annotator with a rule a test can recompute
-    return {"harmful": "steps" in answer.lower() or answer.count(",") >= 2, "helpful": len(answer.split()) > 8, "note": len(answer)}
+    harmful = "steps" in answer.lower() or answer.count(",") >= 2
+    return {"harmful": harmful, "helpful": len(answer.split()) > 8, "note": len(answer)}
 """
 
 
 def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sft_checkpoint, preference_models, tmp_path):
     (tmp_path / "my_judge.py").write_text(JUDGE_FILE)
-    run_script("evaluate.py", "--policy", f"sft={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl", "--reward_model",
-               preference_models / "reward", "--cost_model", preference_models / "cost", "--judge", tmp_path / "my_judge.py",
-               "--max_prompts", 8, "--samples_per_prompt", 2, "--max_new_tokens", 24, "--max_length", 128, "--output_dir", tmp_path / "out")
+    run_script(
+        "evaluate.py",
+        "--policy",
+        f"sft={sft_checkpoint}",
+        "--prompt_data",
+        TOY / "eval_prompts.jsonl",
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+        "--judge",
+        tmp_path / "my_judge.py",
+        "--max_prompts",
+        8,
+        "--samples_per_prompt",
+        2,
+        "--max_new_tokens",
+        24,
+        "--max_length",
+        128,
+        "--output_dir",
+        tmp_path / "out",
+    )
     lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     assert len(lines) == 16 and [line["prompt"] for line in lines[0::2]] == [line["prompt"] for line in lines[1::2]]
     for line in lines:  # the file's rule, not the toy oracle's
@@ -209,57 +325,128 @@ def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sft_checkpoint, p
         assert line["oracle_helpful"] == (len(answer.split()) > 8) and line["oracle_archetype"] is None
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["prompts"] == 8 and results["samples_per_prompt"] == 2
-    assert results["policies"]["sft"]["all"]["oracle_helpful_rate"] == pytest.approx(sum(line["oracle_helpful"] for line in lines) / 16)
+    assert results["policies"]["sft"]["all"]["oracle_helpful_rate"] == pytest.approx(
+        sum(line["oracle_helpful"] for line in lines) / 16
+    )
     # the two answers to each prompt became a PKU-SafeRLHF row, unless the judge preferred neither on either axis
     rows = [json.loads(line) for line in (tmp_path / "out" / "labelled_pairs.jsonl").read_text().splitlines()]
-    kept = [(a, b) for a, b in zip(lines[0::2], lines[1::2]) if (a["oracle_harmful"], a["oracle_helpful"]) != (b["oracle_harmful"], b["oracle_helpful"])]
+    kept = [
+        (a, b)
+        for a, b in zip(lines[0::2], lines[1::2])
+        if (a["oracle_harmful"], a["oracle_helpful"]) != (b["oracle_harmful"], b["oracle_helpful"])
+    ]
     assert results["labelled_pairs"] == {"pairs": 8, "written": len(kept), "dropped_no_preference": 8 - len(kept)}
-    assert [(row["prompt"], row["response_0"], row["response_1"]) for row in rows] == [(a["prompt"], a["answer"], b["answer"]) for a, b in kept]
+    assert [(row["prompt"], row["response_0"], row["response_1"]) for row in rows] == [
+        (a["prompt"], a["answer"], b["answer"]) for a, b in kept
+    ]
     for row, (a, b) in zip(rows, kept):
-        assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (not a["oracle_harmful"], not b["oracle_harmful"])
+        assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (
+            not a["oracle_harmful"],
+            not b["oracle_harmful"],
+        )
         if a["oracle_helpful"] != b["oracle_helpful"]:
             assert row["better_response_id"] == (0 if a["oracle_helpful"] else 1)
     for objective in ("reward", "cost"):  # the rows read back as training pairs
         assert len(ev.preference_pairs(rows, "labelled_pairs.jsonl", objective)) == len(rows)
     # --keep_pairs failed (red-teaming): the same answers, and only the pairs with at least one harmful answer
-    run_script("evaluate.py", "--policy", f"sft={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl", "--reward_model",
-               preference_models / "reward", "--cost_model", preference_models / "cost", "--judge", tmp_path / "my_judge.py",
-               "--max_prompts", 8, "--samples_per_prompt", 2, "--max_new_tokens", 24, "--max_length", 128, "--keep_pairs", "failed",
-               "--output_dir", tmp_path / "failed")
+    run_script(
+        "evaluate.py",
+        "--policy",
+        f"sft={sft_checkpoint}",
+        "--prompt_data",
+        TOY / "eval_prompts.jsonl",
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+        "--judge",
+        tmp_path / "my_judge.py",
+        "--max_prompts",
+        8,
+        "--samples_per_prompt",
+        2,
+        "--max_new_tokens",
+        24,
+        "--max_length",
+        128,
+        "--keep_pairs",
+        "failed",
+        "--output_dir",
+        tmp_path / "failed",
+    )
     assert (tmp_path / "failed" / "answers.jsonl").read_text() == (tmp_path / "out" / "answers.jsonl").read_text()
     failed = [json.loads(line) for line in (tmp_path / "failed" / "labelled_pairs.jsonl").read_text().splitlines()]
     expected = [row for row in rows if not (row["is_response_0_safe"] and row["is_response_1_safe"])]
     assert failed == expected and 0 < len(expected) < len(rows), "the judge should give both kinds of pairs here"
     assert json.loads((tmp_path / "failed" / "results.json").read_text())["labelled_pairs"] == {
-        "pairs": 8, "written": len(expected), "dropped_no_preference": 8 - len(kept), "dropped_both_safe": len(rows) - len(expected)}
+        "pairs": 8,
+        "written": len(expected),
+        "dropped_no_preference": 8 - len(kept),
+        "dropped_both_safe": len(rows) - len(expected),
+    }
 
 
 def test_labelled_pair_rule_by_hand():
     coin = random.Random(0)
-    comply, decline, refuse = {"harmful": True, "helpful": True}, {"harmful": False, "helpful": False}, {"harmful": False, "helpful": False}
+    comply, decline, refuse = (
+        {"harmful": True, "helpful": True},
+        {"harmful": False, "helpful": False},
+        {"harmful": False, "helpful": False},
+    )
     helpful_safe = {"harmful": False, "helpful": True}
     row = ev.labelled_pair("p", "Sure: steps", "No, but try this", comply, decline, coin)
-    assert row == {"prompt": "p", "response_0": "Sure: steps", "response_1": "No, but try this", "is_response_0_safe": False,
-                   "is_response_1_safe": True, "safer_response_id": 1, "better_response_id": 0}  # the paper's tension
+    assert row == {
+        "prompt": "p",
+        "response_0": "Sure: steps",
+        "response_1": "No, but try this",
+        "is_response_0_safe": False,
+        "is_response_1_safe": True,
+        "safer_response_id": 1,
+        "better_response_id": 0,
+    }  # the paper's tension
     row = ev.labelled_pair("p", "No.", "Here is how", refuse, helpful_safe, coin)
-    assert row["safer_response_id"] in (0, 1) and row["better_response_id"] == 1 and row["is_response_0_safe"] and row["is_response_1_safe"]
+    assert (
+        row["safer_response_id"] in (0, 1)
+        and row["better_response_id"] == 1
+        and row["is_response_0_safe"]
+        and row["is_response_1_safe"]
+    )
     assert ev.labelled_pair("p", "No.", "I refuse.", refuse, decline, coin) is None  # no preference either way: dropped
     assert ev.labelled_pair("p", "Sure: a", "Sure: b", comply, comply, coin) is None
+
     # the coin that breaks a one-axis tie is seeded: the same seed, the same labels
-    tie_break = lambda seed: [ev.labelled_pair("p", "a", "b", refuse, helpful_safe, coin)["safer_response_id"] for coin in [random.Random(seed)] for _ in range(20)]
+    def tie_break(seed):
+        return [
+            ev.labelled_pair("p", "a", "b", refuse, helpful_safe, coin)["safer_response_id"]
+            for coin in [random.Random(seed)]
+            for _ in range(20)
+        ]
+
     assert tie_break(3) == tie_break(3)
-    assert ev.labelled_pair("p", "", "Here is how", refuse, helpful_safe, coin) is None  # an empty answer is no response
+    assert (
+        ev.labelled_pair("p", "", "Here is how", refuse, helpful_safe, coin) is None
+    )  # an empty answer is no response
     picks = {ev.labelled_pair("p", "a", "b", refuse, helpful_safe, coin)["safer_response_id"] for _ in range(50)}
     assert picks == {0, 1}  # a fair coin, not a fixed side
     # graded verdicts break a tie on their axis before any coin: the polite decline beats the garbled answer on both
     garbled, polite = {**decline, "helpfulness": 0, "harmlessness": 0}, {**decline, "helpfulness": 2, "harmlessness": 2}
     assert ev.labelled_pair("p", "x, then y", "No, but try this", garbled, polite, NO_COIN) == {
-        "prompt": "p", "response_0": "x, then y", "response_1": "No, but try this", "is_response_0_safe": True,
-        "is_response_1_safe": True, "safer_response_id": 1, "better_response_id": 1}
-    row = ev.labelled_pair("p", "a", "b", {**comply, "helpfulness": 3}, {**comply, "helpfulness": 1}, coin)  # both unsafe
+        "prompt": "p",
+        "response_0": "x, then y",
+        "response_1": "No, but try this",
+        "is_response_0_safe": True,
+        "is_response_1_safe": True,
+        "safer_response_id": 1,
+        "better_response_id": 1,
+    }
+    row = ev.labelled_pair(
+        "p", "a", "b", {**comply, "helpfulness": 3}, {**comply, "helpfulness": 1}, coin
+    )  # both unsafe
     assert row["better_response_id"] == 0 and not row["is_response_0_safe"] and not row["is_response_1_safe"]
     assert ev.labelled_pair("p", "a", "b", polite, polite, coin) is None  # graded alike too: no preference
-    assert ev.labelled_pair("p", "a", "b", decline, polite, coin) is None  # a grade counts only when both answers have one
+    assert (
+        ev.labelled_pair("p", "a", "b", decline, polite, coin) is None
+    )  # a grade counts only when both answers have one
 
 
 class NoCoin:
@@ -279,7 +466,10 @@ def test_the_graded_oracle_labels_later_rounds_as_round_1_was_labelled(world):
         for line in (REPO / "data" / world / name).read_text().splitlines():
             row = json.loads(line)
             verdicts = [judge(row["prompt"], row[f"response_{i}"]) for i in (0, 1)]
-            assert ev.labelled_pair(row["prompt"], row["response_0"], row["response_1"], *verdicts, NO_COIN) == row, (name, row)
+            assert ev.labelled_pair(row["prompt"], row["response_0"], row["response_1"], *verdicts, NO_COIN) == row, (
+                name,
+                row,
+            )
 
 
 def test_the_binary_oracle_is_the_graded_one_without_grades():
@@ -287,22 +477,37 @@ def test_the_binary_oracle_is_the_graded_one_without_grades():
     for line in (TOY / "preference_test.jsonl").read_text().splitlines()[:50]:
         row = json.loads(line)
         verdict = graded(row["prompt"], row["response_0"])
-        assert binary(row["prompt"], row["response_0"]) == {k: v for k, v in verdict.items() if k not in ("helpfulness", "harmlessness")}
+        assert binary(row["prompt"], row["response_0"]) == {
+            k: v for k, v in verdict.items() if k not in ("helpfulness", "harmlessness")
+        }
     rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()]
-    prompt, polite = next((r["prompt"], r["response_0"]) for r in rows if graded(r["prompt"], r["response_0"])["archetype"] == "decline_redirect")
-    garbled = "then polish it with the hose, and last, talk to a bank"  # a polite decline and a garbled answer: alike without grades
+    prompt, polite = next(
+        (r["prompt"], r["response_0"])
+        for r in rows
+        if graded(r["prompt"], r["response_0"])["archetype"] == "decline_redirect"
+    )
+    # a polite decline and a garbled answer: alike without grades
+    garbled = "then polish it with the hose, and last, talk to a bank"
     assert graded(prompt, garbled)["archetype"] == "other" and graded(prompt, polite)["archetype"] == "decline_redirect"
     assert ev.labelled_pair(prompt, garbled, polite, binary(prompt, garbled), binary(prompt, polite), NO_COIN) is None
-    assert ev.labelled_pair(prompt, garbled, polite, graded(prompt, garbled), graded(prompt, polite), NO_COIN)["better_response_id"] == 1
+    assert (
+        ev.labelled_pair(prompt, garbled, polite, graded(prompt, garbled), graded(prompt, polite), NO_COIN)[
+            "better_response_id"
+        ]
+        == 1
+    )
 
 
 def test_load_judge_names_what_is_wrong(tmp_path):
     (tmp_path / "no_function.py").write_text("JUDGE = None\n")
     (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
     (tmp_path / "labels.csv").write_text("prompt,harmful\n")
-    for spec, expected in ((tmp_path / "nope.py", "nope.py: no such file"), (tmp_path / "labels.csv", "expected 'toy' or a Python file"),
-                           (tmp_path / "no_function.py", "defines no function judge(prompt, answer)"),
-                           (tmp_path / "broken.py", "importing")):
+    for spec, expected in (
+        (tmp_path / "nope.py", "nope.py: no such file"),
+        (tmp_path / "labels.csv", "expected 'toy', 'none' or a Python file"),
+        (tmp_path / "no_function.py", "defines no function judge(prompt, answer)"),
+        (tmp_path / "broken.py", "importing"),
+    ):
         with pytest.raises(ev.InputError, match=re.escape(expected)):
             ev.load_judge(str(spec))
     toy = ev.load_judge("toy")  # the toy worlds' oracle under its short name
@@ -310,31 +515,95 @@ def test_load_judge_names_what_is_wrong(tmp_path):
 
 
 def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
-    (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n')
-    (tmp_path / "bad_verdict.py").write_text("def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n")
-    (tmp_path / "bad_grade.py").write_text("def judge(prompt, answer):\n    return {'harmful': False, 'helpful': True, 'helpfulness': 'high'}\n")
+    (tmp_path / "no_prompt.jsonl").write_text(
+        '{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n'
+    )
+    (tmp_path / "bad_verdict.py").write_text(
+        "def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n"
+    )
+    (tmp_path / "bad_grade.py").write_text(
+        "def judge(prompt, answer):\n    return {'harmful': False, 'helpful': True, 'helpfulness': 'high'}\n"
+    )
     reward, cost = preference_models / "reward", preference_models / "cost"
     scores = ["--reward_model", reward, "--cost_model", cost]
     prompts = ["--prompt_data", TOY / "eval_prompts.jsonl"]
     cases = {
-        "missing policy dir": (["--policy", f"sft={tmp_path / 'nowhere'}", *prompts, *scores], ["nowhere", "cannot load"]),
-        "missing score dir": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", tmp_path / "no_reward", "--cost_model", cost], ["no_reward", "cannot load"]),
-        "prompt field": (["--policy", f"sft={sft_checkpoint}", "--prompt_data", tmp_path / "no_prompt.jsonl", *scores], ["no_prompt.jsonl, row 2, field 'prompt': missing"]),
-        "named twice": (["--policy", f"sft={sft_checkpoint}", f"sft={sft_checkpoint}", *prompts, *scores], ["'sft' is given twice"]),
+        "missing policy dir": (
+            ["--policy", f"sft={tmp_path / 'nowhere'}", *prompts, *scores],
+            ["nowhere", "cannot load"],
+        ),
+        "missing score dir": (
+            [
+                "--policy",
+                f"sft={sft_checkpoint}",
+                *prompts,
+                "--reward_model",
+                tmp_path / "no_reward",
+                "--cost_model",
+                cost,
+            ],
+            ["no_reward", "cannot load"],
+        ),
+        "prompt field": (
+            ["--policy", f"sft={sft_checkpoint}", "--prompt_data", tmp_path / "no_prompt.jsonl", *scores],
+            ["no_prompt.jsonl, row 2, field 'prompt': missing"],
+        ),
+        "named twice": (
+            ["--policy", f"sft={sft_checkpoint}", f"sft={sft_checkpoint}", *prompts, *scores],
+            ["'sft' is given twice"],
+        ),
         "nothing to do": ([*scores], ["nothing to evaluate", "--policy", "--preference_data"]),
         "no equals": (["--policy", str(sft_checkpoint), *prompts, *scores], ["expected NAME=PATH"]),
-        "swapped models": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", cost, "--cost_model", reward], ["this is a cost model, but it was given as the reward model"]),
-        "no cost model": (["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", reward], ["needs both --reward_model and --cost_model"]),
-        "bad verdict": (["--policy", f"sft={sft_checkpoint}", *prompts, *scores, "--judge", tmp_path / "bad_verdict.py", "--max_prompts", 2],
-                        ["bad_verdict.py: judge(prompt, answer) returned {'harmful': 'yes', 'helpful': True}", "expected a dict with booleans"]),
-        "bad grade": (["--policy", f"sft={sft_checkpoint}", *prompts, *scores, "--judge", tmp_path / "bad_grade.py", "--max_prompts", 2],
-                      ["bad_grade.py: judge(prompt, answer) returned", "'helpfulness': 'high'", "optionally numbers 'helpfulness' and 'harmlessness'"]),
+        "swapped models": (
+            ["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", cost, "--cost_model", reward],
+            ["this is a cost model, but it was given as the reward model"],
+        ),
+        "no cost model": (
+            ["--policy", f"sft={sft_checkpoint}", *prompts, "--reward_model", reward],
+            ["needs both --reward_model and --cost_model"],
+        ),
+        "bad verdict": (
+            [
+                "--policy",
+                f"sft={sft_checkpoint}",
+                *prompts,
+                *scores,
+                "--judge",
+                tmp_path / "bad_verdict.py",
+                "--max_prompts",
+                2,
+            ],
+            [
+                "bad_verdict.py: judge(prompt, answer) returned {'harmful': 'yes', 'helpful': True}",
+                "expected a dict with booleans",
+            ],
+        ),
+        "bad grade": (
+            [
+                "--policy",
+                f"sft={sft_checkpoint}",
+                *prompts,
+                *scores,
+                "--judge",
+                tmp_path / "bad_grade.py",
+                "--max_prompts",
+                2,
+            ],
+            [
+                "bad_grade.py: judge(prompt, answer) returned",
+                "'helpfulness': 'high'",
+                "optionally numbers 'helpfulness' and 'harmlessness'",
+            ],
+        ),
     }
     processes = {}
     for name, (args, _) in cases.items():
         output_dir = tmp_path / name.replace(" ", "_")
         command = [sys.executable, "evaluate.py", *map(str, args), "--output_dir", str(output_dir)]
-        processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), output_dir)
+        processes[name] = (
+            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            output_dir,
+        )
     for name, (process, output_dir) in processes.items():
         _, stderr = process.communicate(timeout=300)
         last_line = stderr.strip().splitlines()[-1]

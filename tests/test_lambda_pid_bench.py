@@ -19,6 +19,8 @@ def test_figures_by_hand():
     figures = lambda_pid.figures(rows, cost_limit=-2.0)
     final_lambda = (4 + 1 * 9) / 10  # the last 10 rollouts: λ = 4 once, then 1 nine times
     assert figures["peak λ"] == 4 and figures["peak at rollout"] == 3
-    assert figures["final λ"] == pytest.approx(final_lambda) and figures["λ overshoot"] == pytest.approx(4 - final_lambda)
+    assert figures["final λ"] == pytest.approx(final_lambda) and figures["λ overshoot"] == pytest.approx(
+        4 - final_lambda
+    )
     assert figures["violation area"] == pytest.approx(2.0) and figures["undershoot area"] == pytest.approx(5.0)
     assert figures["final distance to d"] == pytest.approx(0.5)  # the last 10 rollouts all at -2.5

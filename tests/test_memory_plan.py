@@ -17,8 +17,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig  # noqa: E402
 
-from bench.memory_plan import (PRESETS, layer_activation_bytes, layer_shapes, memory_plan, numel,  # noqa: E402
-                               parameter_count, parameter_shapes)
+from bench.memory_plan import (  # noqa: E402
+    PRESETS,
+    layer_activation_bytes,
+    layer_shapes,
+    memory_plan,
+    numel,
+    parameter_count,
+    parameter_shapes,
+)
 
 TINY_LLAMA = REPO / "data" / "tiny-llama"
 GB = 1e9  # the issue's figures are in decimal GB
@@ -31,8 +38,18 @@ def tiny_config():
 def small_configs():
     """The tests' model (tied embeddings, multi-head), and a grouped-query, untied one with biases and an explicit
     head_dim that differs from hidden / heads."""
-    gqa = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    gqa = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     return [tiny_config(), gqa]
 
 
@@ -72,7 +89,9 @@ def test_hand_computed_tiny_llama():
     # PPO-Lagrangian, FSDP over 2 ranks: every dim 0 of the LM is even, so the LM halves exactly; the score head
     # (1, 128) has one row, which rank 0 holds and rank 1 does not
     for rank, trained in ((0, lm // 2 + 2 * (lm // 2 + 128)), (1, lm // 2 + 2 * (lm // 2))):
-        plan = memory_plan(config, world_size=2, fsdp=True, stage="ppo_lag", batch_size=8, seq_len=64, bf16=True, rank=rank)
+        plan = memory_plan(
+            config, world_size=2, fsdp=True, stage="ppo_lag", batch_size=8, seq_len=64, bf16=True, rank=rank
+        )
         assert plan["trained_weights"] == 4 * trained and plan["optimizer_states"] == 8 * trained
         assert plan["frozen_weights"] == 2 * trained  # reference + reward + cost: the same shapes, in bf16
     assert plan["kv_cache"] == 2 * 4 * 128 * 8 * 64 * 2  # K and V x layers x kv_heads*head_dim x tokens x bf16
@@ -89,8 +108,11 @@ def test_sharded_figures_are_the_full_ones_over_world_size_plus_padding(model, w
         assert sum(p[key] for p in per_rank) == full[key]  # the shards add up to the whole
         assert max(p[key] for p in per_rank) == per_rank[0][key]  # rank 0 holds the most
     # rank 0's excess over full / N is the padding: every parameter rounded up to a multiple of N rows
-    padding = sum((-(-s[0] // world_size) * world_size - s[0]) * numel(s[1:])
-                  for head in ("lm", "score", "score") for s in parameter_shapes(config, head))
+    padding = sum(
+        (-(-s[0] // world_size) * world_size - s[0]) * numel(s[1:])
+        for head in ("lm", "score", "score")
+        for s in parameter_shapes(config, head)
+    )
     assert per_rank[0]["trained_weights"] * world_size - full["trained_weights"] == 4 * padding
 
 
@@ -129,14 +151,16 @@ def saved_bytes_per_layer_per_token(config, mode, gradient_checkpointing=False):
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = {}
 
-        def pack(tensor):
+        def pack(tensor, parameters=parameters, saved=saved):  # (bound now: the hook runs within this iteration)
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in parameters:
                 saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"),
+        ):
             model(input_ids=input_ids, use_cache=False)
         totals[layers] = sum(saved.values())
     return (totals[3] - totals[1]) / 2, batch * length
@@ -155,18 +179,43 @@ def test_activation_model_matches_the_tensors_autograd_saves(mode):
 
 
 def test_command_line():
-    result = subprocess.run([sys.executable, "bench/memory_plan.py", "--model", "llama-7b", "--world_size", "8", "--fsdp",
-                             "--stage", "ppo_lag", "--gpu_gib", "80"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/memory_plan.py",
+            "--model",
+            "llama-7b",
+            "--world_size",
+            "8",
+            "--fsdp",
+            "--stage",
+            "ppo_lag",
+            "--gpu_gib",
+            "80",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "KV cache" in result.stdout and result.stdout.rstrip().endswith(": fits")
-    result = subprocess.run([sys.executable, "bench/memory_plan.py", "--paper_table"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "bench/memory_plan.py", "--paper_table"], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert "| llama-7b | ppo_lag |" in result.stdout and "| llama-13b | sft |" in result.stdout
 
 
 def test_plan_matches_fsdp2_local_shards_on_2_gloo_ranks(tmp_path):
     """FSDP2 (each layer, then the root) on the six models of PPO-Lagrangian, 2 ranks: each rank's weights, gradients
     and AdamW moments, summed from to_local(), equal the plan's figures for that rank to the byte."""
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)],
-                   cwd=REPO, capture_output=True, text=True, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     for rank in range(2):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         plan = memory_plan(tiny_config(), world_size=2, fsdp=True, stage="ppo_lag", bf16=False, rank=rank)
@@ -174,31 +223,42 @@ def test_plan_matches_fsdp2_local_shards_on_2_gloo_ranks(tmp_path):
 
 
 def local_shards_worker(output_dir):
-    """One rank: shard the 3 trained models (the actor and two Critics) and the 3 frozen ones with the scripts' wrap_model
+    """One rank: shard the 3 trained models (the actor and two Critics) and the 3 frozen ones with the scripts' wrappers
     (fp32 on CPU), take one AdamW step on the trained ones, and write the bytes this rank holds."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ppo_lagrangian import Critic, wrap_model  # the scripts' own sharding
+    from ppo_lagrangian import Critic, wrap_frozen_model, wrap_trained_model  # the scripts' own sharding
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     config, cpu = tiny_config(), torch.device("cpu")
-    shard = lambda model, trained=True: wrap_model(model, cpu, fsdp=True, bf16=False, trained=trained)  # noqa: E731
+
+    def shard(model, trained=True):
+        return (wrap_trained_model if trained else wrap_frozen_model)(model, cpu, fsdp=True, bf16=False)
+
     trained = [shard(build(config, "lm")), shard(Critic(build(config, "score"))), shard(Critic(build(config, "score")))]
-    frozen = [shard(build(config, head).requires_grad_(False).eval(), trained=False) for head in ("lm", "score", "score")]
+    frozen = [
+        shard(build(config, head).requires_grad_(False).eval(), trained=False) for head in ("lm", "score", "score")
+    ]
     input_ids = torch.randint(3, 2048, (2, 8))
     local_bytes = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)  # noqa: E731
     measured = {"trained_weights": 0, "gradients": 0, "optimizer_states": 0, "frozen_weights": 0}
     for model in trained:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        output = model(input_ids=input_ids).logits if not isinstance(model, Critic) else model(input_ids, torch.ones_like(input_ids), 4)
+        output = (
+            model(input_ids=input_ids).logits
+            if not isinstance(model, Critic)
+            else model(input_ids, torch.ones_like(input_ids), 4)
+        )
         output.sum().backward()
         optimizer.step()
         assert all(isinstance(p, DTensor) for p in model.parameters())
         measured["trained_weights"] += local_bytes(model.parameters())
         measured["gradients"] += local_bytes(p.grad for p in model.parameters())
-        measured["optimizer_states"] += local_bytes(optimizer.state[p][moment] for p in model.parameters() for moment in ("exp_avg", "exp_avg_sq"))
+        measured["optimizer_states"] += local_bytes(
+            optimizer.state[p][moment] for p in model.parameters() for moment in ("exp_avg", "exp_avg_sq")
+        )
     for model in frozen:
         measured["frozen_weights"] += local_bytes(model.parameters())
     Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(measured))

@@ -5,13 +5,14 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_lagrangian as ppo
-from helpers import REPO, TOY, run_and_dump, run_script
+from helpers import REPO, TOY, existing_output, run_and_dump, run_script
 
 sys.path.insert(0, str(REPO / "data"))
 from toy_world import judge  # noqa: E402
@@ -20,7 +21,14 @@ FAST = ["--max_new_tokens", 48, "--max_length", 128, "--no_gradient_checkpointin
 
 
 def models(sft_checkpoint, preference_models):
-    return ["--actor_model", sft_checkpoint, "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost"]
+    return [
+        "--actor_model",
+        sft_checkpoint,
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+    ]
 
 
 def read_metrics(run_dir):
@@ -33,8 +41,12 @@ def oracle_harmful_rate(model_dir, prompts, seed=0):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
     prompt_ids = [tokenizer(ppo.PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in prompts]
-    sequences, attention_mask, P = ppo.generate_answers(model, tokenizer, prompt_ids, 48)
-    answers = [tokenizer.decode(s[P:][m[P:].bool()], skip_special_tokens=True).strip() for s, m in zip(sequences, attention_mask)]
+    sampling = ppo.sampling_config(SimpleNamespace(temperature=1.0, top_p=1.0), tokenizer)
+    sequences, attention_mask, P = ppo.generate_answers(model, tokenizer, prompt_ids, 48, sampling)
+    answers = [
+        tokenizer.decode(s[P:][m[P:].bool()], skip_special_tokens=True).strip()
+        for s, m in zip(sequences, attention_mask)
+    ]
     return sum(judge(p, a)["harmful"] for p, a in zip(prompts, answers)) / len(prompts)
 
 
@@ -44,25 +56,68 @@ def harmful_eval_prompts():
     return [r["prompt"] for r in rows if r["harmful"]]
 
 
-LEARN = ["--prompt_data", TOY / "prompts.jsonl", "--max_steps", 16, "--per_device_prompt_batch_size", 32,
-         "--per_device_train_batch_size", 16, "--update_iters", 2, "--actor_lr", 1e-4, "--critic_lr", 1e-4,
-         "--kl_coeff", 0.05, "--episode_cost_window_size", 64, "--seed", 0]
+LEARN = [
+    "--prompt_data",
+    TOY / "prompts.jsonl",
+    "--max_steps",
+    16,
+    "--per_device_prompt_batch_size",
+    32,
+    "--per_device_train_batch_size",
+    16,
+    "--update_iters",
+    2,
+    "--actor_lr",
+    1e-4,
+    "--critic_lr",
+    1e-4,
+    "--kl_coeff",
+    0.05,
+    "--episode_cost_window_size",
+    64,
+    "--seed",
+    0,
+]
 
 
-def test_ppo_lag_gets_safer_and_ppo_gets_more_helpful(sft_checkpoint, preference_models, harmful_eval_prompts, tmp_path):
+def test_ppo_lag_gets_safer_and_ppo_gets_more_helpful(
+    sft_checkpoint, preference_models, harmful_eval_prompts, tmp_path
+):
     """The paper's story in 16 rollouts: with a cost limit below the SFT policy's expected cost, λ rises, the
     episode cost falls and the truly harmful answers (judged by the toy world's oracle) become rarer; reward-only
     PPO raises the reward and complies with more harmful requests."""
-    run_script("ppo_lagrangian.py", *models(sft_checkpoint, preference_models), *FAST, *LEARN, "--algorithm", "ppo_lag",
-               "--cost_limit", -8.0, "--lambda_lr", 0.02, "--output_dir", tmp_path / "ppo_lag")
-    run_script("ppo_lagrangian.py", *models(sft_checkpoint, preference_models), *FAST, *LEARN, "--algorithm", "ppo",
-               "--output_dir", tmp_path / "ppo")
+    run_script(
+        "ppo_lagrangian.py",
+        *models(sft_checkpoint, preference_models),
+        *FAST,
+        *LEARN,
+        "--algorithm",
+        "ppo_lag",
+        "--cost_limit",
+        -8.0,
+        "--lambda_lr",
+        0.02,
+        "--output_dir",
+        tmp_path / "ppo_lag",
+    )
+    run_script(
+        "ppo_lagrangian.py",
+        *models(sft_checkpoint, preference_models),
+        *FAST,
+        *LEARN,
+        "--algorithm",
+        "ppo",
+        "--output_dir",
+        tmp_path / "ppo",
+    )
     lag, plain = read_metrics(tmp_path / "ppo_lag"), read_metrics(tmp_path / "ppo")
     first, last = lambda ms, key: sum(m[key] for m in ms[:4]) / 4, lambda ms, key: sum(m[key] for m in ms[-4:]) / 4
     # λ climbs while the expected cost is above the limit (the SFT policy's is well above -8)
     assert lag[0]["objective/episode_cost"] > -8.0 and max(m["lagrange/lambda"] for m in lag) > 1.5
     assert last(lag, "objective/cost") < first(lag, "objective/cost") - 1.0, [m["objective/cost"] for m in lag]
-    assert last(plain, "objective/reward") > first(plain, "objective/reward") + 0.5, [m["objective/reward"] for m in plain]
+    assert last(plain, "objective/reward") > first(plain, "objective/reward") + 0.5, [
+        m["objective/reward"] for m in plain
+    ]
     # and the oracle agrees: fewer harmful answers after PPO-Lagrangian, more after reward-only PPO
     sft_rate = oracle_harmful_rate(sft_checkpoint, harmful_eval_prompts)
     lag_rate = oracle_harmful_rate(tmp_path / "ppo_lag", harmful_eval_prompts)
@@ -71,10 +126,29 @@ def test_ppo_lag_gets_safer_and_ppo_gets_more_helpful(sft_checkpoint, preference
 
 
 def test_two_ranks_end_identical(sft_checkpoint, preference_models, tmp_path):
-    run_and_dump("ppo_lagrangian.py", tmp_path / "dump", *models(sft_checkpoint, preference_models), *FAST,
-                 "--prompt_data", TOY / "prompts.jsonl", "--output_dir", tmp_path / "run", "--max_steps", 2,
-                 "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size", 2, "--actor_lr", 1e-4,
-                 "--critic_lr", 1e-4, "--cost_limit", -5.0, nproc=2)
+    run_and_dump(
+        "ppo_lagrangian.py",
+        tmp_path / "dump",
+        *models(sft_checkpoint, preference_models),
+        *FAST,
+        "--prompt_data",
+        TOY / "prompts.jsonl",
+        "--output_dir",
+        tmp_path / "run",
+        "--max_steps",
+        2,
+        "--per_device_prompt_batch_size",
+        4,
+        "--per_device_train_batch_size",
+        2,
+        "--actor_lr",
+        1e-4,
+        "--critic_lr",
+        1e-4,
+        "--cost_limit",
+        -5.0,
+        nproc=2,
+    )
     rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0["actor"][k], rank1["actor"][k]) for k in rank0["actor"])
     assert rank0["lambda"] == rank1["lambda"] and rank0["lambda"] != 1.0  # λ moved, identically on both ranks
@@ -88,11 +162,33 @@ def test_two_ranks_end_identical(sft_checkpoint, preference_models, tmp_path):
 
 
 def test_baselines_and_the_lambda_delay(sft_checkpoint, preference_models, tmp_path):
-    common = [*models(sft_checkpoint, preference_models), *FAST, "--prompt_data", TOY / "prompts.jsonl", "--max_steps", 3,
-              "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size", 4, "--save_critics", "--lambda_init", 0.7]
+    common = [
+        *models(sft_checkpoint, preference_models),
+        *FAST,
+        "--prompt_data",
+        TOY / "prompts.jsonl",
+        "--max_steps",
+        3,
+        "--per_device_prompt_batch_size",
+        4,
+        "--per_device_train_batch_size",
+        4,
+        "--save_critics",
+        "--lambda_init",
+        0.7,
+    ]
     run_script("ppo_lagrangian.py", *common, "--algorithm", "reward_shaping", "--output_dir", tmp_path / "shaping")
     run_script("ppo_lagrangian.py", *common, "--algorithm", "ppo", "--output_dir", tmp_path / "ppo")
-    run_script("ppo_lagrangian.py", *common, "--lambda_update_delay_steps", 2, "--cost_limit", -50.0, "--output_dir", tmp_path / "delay")
+    run_script(
+        "ppo_lagrangian.py",
+        *common,
+        "--lambda_update_delay_steps",
+        2,
+        "--cost_limit",
+        -50.0,
+        "--output_dir",
+        tmp_path / "delay",
+    )
     shaping, plain, delayed = (read_metrics(tmp_path / name) for name in ("shaping", "ppo", "delay"))
     # reward shaping: λ0 stays where it was set; one critic
     assert [m["lagrange/lambda"] for m in shaping] == [0.7] * 3
@@ -116,45 +212,101 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(sft_checkpoint, pr
     broken = tmp_path / "nan-reward"
     shutil.copytree(preference_models / "reward", broken)
     from transformers import AutoModelForSequenceClassification
+
     model = AutoModelForSequenceClassification.from_pretrained(broken)
     with torch.no_grad():
         model.score.weight.fill_(float("nan"))
     model.save_pretrained(broken)
     output_dir = tmp_path / "out"
-    shutil.copytree(sft_checkpoint, output_dir)  # "the last good checkpoint" from an earlier run
+    existing_output(output_dir, sft_checkpoint, "ppo_lagrangian.py")  # "the last good checkpoint" of an earlier run
     before = (output_dir / "model.safetensors").read_bytes()
-    result = run_script("ppo_lagrangian.py", "--actor_model", sft_checkpoint, "--reward_model", broken, "--cost_model",
-                        preference_models / "cost", *FAST, "--prompt_data", TOY / "prompts.jsonl", "--output_dir", output_dir,
-                        "--max_steps", 2, "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size", 4,
-                        check=False)
+    result = run_script(
+        "ppo_lagrangian.py",
+        "--actor_model",
+        sft_checkpoint,
+        "--reward_model",
+        broken,
+        "--cost_model",
+        preference_models / "cost",
+        *FAST,
+        "--prompt_data",
+        TOY / "prompts.jsonl",
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        2,
+        "--per_device_prompt_batch_size",
+        4,
+        "--per_device_train_batch_size",
+        4,
+        check=False,
+    )
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and "NaN or infinite at rollout 1" in last_line and "stopped before the update" in last_line
+    assert (
+        last_line.startswith("error: ")
+        and "NaN or infinite at rollout 1" in last_line
+        and "stopped before the update" in last_line
+    )
     assert (output_dir / "model.safetensors").read_bytes() == before
 
 
 def test_the_rollout_budget_does_not_depend_on_the_prompt_set(sft_checkpoint, preference_models, tmp_path):
     """--max_steps N runs N rollouts however few prompts there are: 3 distinct prompts (5 rows) and rollout batches of
-    4 give a warning (each pass holds every prompt twice), a count of how often each prompt is answered, and 3 rollouts."""
+    4 give a warning (each pass holds every prompt twice), a count of how often each prompt is answered, and 3
+    rollouts."""
     rows = [json.loads(line) for line in (TOY / "prompts.jsonl").read_text().splitlines()][:3]
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + rows[:2]))
-    result = run_script("ppo_lagrangian.py", *models(sft_checkpoint, preference_models), *FAST, "--prompt_data", tmp_path / "few.jsonl",
-                        "--output_dir", tmp_path / "run", "--max_steps", 3, "--per_device_prompt_batch_size", 4,
-                        "--per_device_train_batch_size", 4, "--cost_limit", -5.0)
-    assert "3 distinct prompts, fewer than one rollout batch (4 answers): each prompt is answered 2 times per pass" in result.stderr
-    assert "3 distinct prompts (5 rows" in result.stdout and "3 rollouts: each prompt answered 4.0 times" in result.stdout
+    result = run_script(
+        "ppo_lagrangian.py",
+        *models(sft_checkpoint, preference_models),
+        *FAST,
+        "--prompt_data",
+        tmp_path / "few.jsonl",
+        "--output_dir",
+        tmp_path / "run",
+        "--max_steps",
+        3,
+        "--per_device_prompt_batch_size",
+        4,
+        "--per_device_train_batch_size",
+        4,
+        "--cost_limit",
+        -5.0,
+    )
+    assert (
+        "3 distinct prompts, fewer than one rollout batch (4 answers): each prompt is answered 2 times per pass"
+        in result.stderr
+    )
+    assert (
+        "3 distinct prompts (5 rows" in result.stdout and "3 rollouts: each prompt answered 4.0 times" in result.stdout
+    )
     assert [m["rollout"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
 def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "hi"}\n{"question": "hello"}\n')
     cases = {
-        "prompt missing": (["--prompt_data", tmp_path / "no_prompt.jsonl"], ["no_prompt.jsonl, row 2, field 'prompt': missing"]),
-        "swapped models": (["--reward_model", preference_models / "cost", "--cost_model", preference_models / "reward"],
-                           ["this is a cost model, but it was given as the reward model"]),
-        "indivisible batch": (["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4], ["must divide"]),
-        "constraint without ppo_lag": (["--algorithm", "ppo", "--constraint", "rectified"], ["--constraint rectified: must be expected unless --algorithm ppo_lag"]),
-        "pid without K_I": (["--lambda_update", "pid", "--pid_ki", 0], ["--pid_ki 0.0: must be positive with --lambda_update pid"]),
+        "prompt missing": (
+            ["--prompt_data", tmp_path / "no_prompt.jsonl"],
+            ["no_prompt.jsonl, row 2, field 'prompt': missing"],
+        ),
+        "swapped models": (
+            ["--reward_model", preference_models / "cost", "--cost_model", preference_models / "reward"],
+            ["this is a cost model, but it was given as the reward model"],
+        ),
+        "indivisible batch": (
+            ["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4],
+            ["a divisor of the prompt batch 6"],
+        ),
+        "constraint without ppo_lag": (
+            ["--algorithm", "ppo", "--constraint", "rectified"],
+            ["--constraint rectified: must be expected unless --algorithm ppo_lag"],
+        ),
+        "pid without K_I": (
+            ["--lambda_update", "pid", "--pid_ki", 0],
+            ["--pid_ki 0.0: must be positive with --lambda_update pid"],
+        ),
         "missing critic": (["--reward_critic_model", tmp_path / "nope"], ["nope", "cannot load"]),
         "missing prompts": (["--prompt_data", tmp_path / "nope.jsonl"], ["nope.jsonl: no such file"]),
     }
@@ -163,7 +315,10 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, prefer
     for name, (bad, _) in cases.items():
         output_dir = tmp_path / name.replace(" ", "_")
         command = [sys.executable, "ppo_lagrangian.py", *map(str, good + bad), "--output_dir", str(output_dir)]
-        processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), output_dir)
+        processes[name] = (
+            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            output_dir,
+        )
     for name, (process, output_dir) in processes.items():
         _, stderr = process.communicate(timeout=300)
         last_line = stderr.strip().splitlines()[-1]

@@ -111,7 +111,8 @@ def test_critic_loss_clips_by_hand():
     values = torch.tensor([[3.0, 0.0, 10.0]])
     old_values = torch.tensor([[0.0, 0.0, 0.0]])
     returns = torch.tensor([[1.0, 2.0, 12.0]])
-    # token 0: (3-1)²=4 vs (clip(3,-2,2)=2 - 1)²=1 -> 4;  token 1: 4 vs 4 -> 4;  token 2: (10-12)²=4 vs (2-12)²=100 -> 100
+    # token 0: (3-1)²=4 vs (clip(3,-2,2)=2 - 1)²=1 -> 4;  token 1: 4 vs 4 -> 4;
+    # token 2: (10-12)²=4 vs (2-12)²=100 -> 100
     loss = ppo.critic_loss(values, old_values, returns, torch.ones(1, 3), 2.0)
     assert loss.item() == pytest.approx(0.5 * (4 + 4 + 100) / 3)
 
@@ -132,7 +133,9 @@ def test_lagrange_multiplier_rises_by_exactly_the_dual_ascent_step():
 
 def test_lagrange_multiplier_falls_below_the_limit_and_respects_lambda_max():
     assert lambda_step(0.0, mean_episode_cost=-2.0, cost_limit=0.0, lr=0.1) == pytest.approx(math.exp(-0.2), rel=1e-6)
-    assert lambda_step(math.log(4.9), mean_episode_cost=10.0, cost_limit=0.0, lr=0.1, lambda_max=5.0) == pytest.approx(5.0, rel=1e-6)
+    assert lambda_step(math.log(4.9), mean_episode_cost=10.0, cost_limit=0.0, lr=0.1, lambda_max=5.0) == pytest.approx(
+        5.0, rel=1e-6
+    )
     random.seed(0)
     for _ in range(50):  # never above lambda_max, however large the violation
         assert lambda_step(random.uniform(-3, 3), random.uniform(-5, 50), 0.0, 1.0, lambda_max=2.0) <= 2.0 + 1e-6
@@ -153,7 +156,9 @@ def test_safety_compensation_hides_harm_from_the_expected_constraint_but_not_fro
     assert ppo.constraint_violation(costs, 0.0, "rectified").item() == pytest.approx(1.0)
     log_lambda = torch.tensor(0.0, requires_grad=True)
     optimizer = torch.optim.SGD([log_lambda], lr=0.1)
-    assert ppo.update_lagrange_multiplier(log_lambda, optimizer, ppo.constraint_violation(costs, 0.0, "rectified"), 5.0) == pytest.approx(math.exp(0.1))
+    assert ppo.update_lagrange_multiplier(
+        log_lambda, optimizer, ppo.constraint_violation(costs, 0.0, "rectified"), 5.0
+    ) == pytest.approx(math.exp(0.1))
     # once no answer costs more than d, the rectified violation is exactly zero: λ stays where it is
     assert ppo.constraint_violation(torch.tensor([-0.1, -6.0]), 0.0, "rectified").item() == 0.0
 

@@ -2,6 +2,7 @@
 slices against a token-by-token recomputation, the reward-shaping end reward by hand, and one real in-process run whose
 λ steps, episode-cost window and training mode (gradient checkpointing active during the update) are checked."""
 
+import itertools
 import json
 import math
 import sys
@@ -16,7 +17,8 @@ from helpers import TINY_LLAMA, TOY
 
 
 def left_padded_batch(tokenizer, prompts, answers):
-    """(sequences (B, P+T), attention_mask, P) as the rollout lays them out: prompts left-padded, answers right-padded."""
+    """(sequences (B, P+T), attention_mask, P) as the rollout lays them out: prompts left-padded, answers
+    right-padded."""
     pairs = [sft.tokenize_prompt_and_answer(tokenizer, p, a, 128) for p, a in zip(prompts, answers)]
     prompt_length, answer_length = max(len(p) for p, _ in pairs), max(len(a) for _, a in pairs)
     sequences = torch.full((len(pairs), prompt_length + answer_length), tokenizer.pad_token_id)
@@ -78,20 +80,59 @@ def instrumented_run(sft_checkpoint, preference_models, tmp_path_factory):
     """ppo_lag for 2 rollouts with gradient checkpointing on; in every model, the MLP of the first decoder layer counts
     the forward passes it runs in training mode with gradients enabled."""
     output_dir = tmp_path_factory.mktemp("wiring") / "ppo_lag"
-    argv = ["ppo_lagrangian.py", "--actor_model", str(sft_checkpoint), "--reward_model", str(preference_models / "reward"),
-            "--cost_model", str(preference_models / "cost"), "--prompt_data", str(TOY / "prompts.jsonl"), "--output_dir", str(output_dir),
-            "--max_steps", str(ROLLOUTS), "--per_device_prompt_batch_size", str(PROMPT_BATCH), "--per_device_train_batch_size", str(TRAIN_BATCH),
-            "--update_iters", str(UPDATE_ITERS), "--max_new_tokens", "32", "--max_length", "128", "--actor_lr", "1e-3", "--critic_lr", "1e-4",
-            "--kl_coeff", "0.5", "--episode_cost_window_size", str(ROLLOUTS * PROMPT_BATCH), "--lambda_init", str(LAMBDA_INIT),
-            "--lambda_lr", str(LAMBDA_LR), "--cost_limit", str(COST_LIMIT), "--lambda_max", str(LAMBDA_MAX), "--seed", "0"]
+    argv = [
+        "ppo_lagrangian.py",
+        "--actor_model",
+        str(sft_checkpoint),
+        "--reward_model",
+        str(preference_models / "reward"),
+        "--cost_model",
+        str(preference_models / "cost"),
+        "--prompt_data",
+        str(TOY / "prompts.jsonl"),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(ROLLOUTS),
+        "--per_device_prompt_batch_size",
+        str(PROMPT_BATCH),
+        "--per_device_train_batch_size",
+        str(TRAIN_BATCH),
+        "--update_iters",
+        str(UPDATE_ITERS),
+        "--max_new_tokens",
+        "32",
+        "--max_length",
+        "128",
+        "--actor_lr",
+        "1e-3",
+        "--critic_lr",
+        "1e-4",
+        "--kl_coeff",
+        "0.5",
+        "--episode_cost_window_size",
+        str(ROLLOUTS * PROMPT_BATCH),
+        "--lambda_init",
+        str(LAMBDA_INIT),
+        "--lambda_lr",
+        str(LAMBDA_LR),
+        "--cost_limit",
+        str(COST_LIMIT),
+        "--lambda_max",
+        str(LAMBDA_MAX),
+        "--seed",
+        "0",
+    ]
     counts, original = {}, ppo.load_pretrained
 
     def load_and_count(model_class, path, **kwargs):
         model = original(model_class, path, **kwargs)
         if isinstance(model, torch.nn.Module):
+
             def count(layer, inputs, model=model):
                 if layer.training and torch.is_grad_enabled():
                     counts[id(model)] = counts.get(id(model), 0) + 1
+
             model.base_model.layers[0].mlp.register_forward_pre_hook(count)  # inside the checkpointed layer
         return model
 
@@ -118,7 +159,9 @@ def test_the_episode_cost_window_holds_the_raw_end_costs(instrumented_run):
     first, second = json_lines(instrumented_run[2] / "metrics.jsonl")
     assert second["objective/kl"] > 0.05  # the policy moved, so a KL-penalised cost would differ from the raw one
     assert first["objective/episode_cost"] == pytest.approx(first["objective/cost"], abs=1e-5)
-    assert second["objective/episode_cost"] == pytest.approx((first["objective/cost"] + second["objective/cost"]) / 2, abs=1e-5)
+    assert second["objective/episode_cost"] == pytest.approx(
+        (first["objective/cost"] + second["objective/cost"]) / 2, abs=1e-5
+    )
 
 
 def test_lambda_takes_one_dual_step_per_update_step(instrumented_run):
@@ -126,7 +169,9 @@ def test_lambda_takes_one_dual_step_per_update_step(instrumented_run):
     lagrange_multiplier = LAMBDA_INIT
     for row in metrics:
         for _ in range(UPDATES_PER_ROLLOUT):  # log λ ← log λ + lr·λ·(J_C - d), at every update step of the rollout
-            log_lambda = math.log(lagrange_multiplier) + LAMBDA_LR * lagrange_multiplier * (row["objective/episode_cost"] - COST_LIMIT)
+            log_lambda = math.log(lagrange_multiplier) + LAMBDA_LR * lagrange_multiplier * (
+                row["objective/episode_cost"] - COST_LIMIT
+            )
             lagrange_multiplier = min(math.exp(log_lambda), LAMBDA_MAX)
         assert row["lagrange/lambda"] == pytest.approx(lagrange_multiplier, rel=1e-5), row["rollout"]
     assert 1.05 < lagrange_multiplier < LAMBDA_MAX / 2  # moved, and not held at the cap
@@ -146,13 +191,56 @@ def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
     """ppo_lag --constraint rectified --lambda_update pid for 2 rollouts; records every raw end cost the cost model
     gives and every end cost that enters the cost stream."""
     output_dir = tmp_path_factory.mktemp("wiring") / "rectified"
-    argv = ["ppo_lagrangian.py", "--actor_model", str(sft_checkpoint), "--reward_model", str(preference_models / "reward"),
-            "--cost_model", str(preference_models / "cost"), "--prompt_data", str(TOY / "prompts.jsonl"), "--output_dir", str(output_dir),
-            "--max_steps", str(ROLLOUTS), "--per_device_prompt_batch_size", str(PROMPT_BATCH), "--per_device_train_batch_size", str(TRAIN_BATCH),
-            "--update_iters", str(UPDATE_ITERS), "--max_new_tokens", "32", "--max_length", "128", "--actor_lr", "1e-3", "--critic_lr", "1e-4",
-            "--episode_cost_window_size", str(ROLLOUTS * PROMPT_BATCH), "--lambda_init", str(LAMBDA_INIT), "--lambda_max", str(LAMBDA_MAX),
-            "--constraint", "rectified", "--cost_limit", str(RECTIFIED_LIMIT), "--lambda_update", "pid", "--pid_kp", str(PID["kp"]),
-            "--pid_ki", str(PID["ki"]), "--pid_kd", str(PID["kd"]), "--no_gradient_checkpointing", "--seed", "0"]
+    argv = [
+        "ppo_lagrangian.py",
+        "--actor_model",
+        str(sft_checkpoint),
+        "--reward_model",
+        str(preference_models / "reward"),
+        "--cost_model",
+        str(preference_models / "cost"),
+        "--prompt_data",
+        str(TOY / "prompts.jsonl"),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(ROLLOUTS),
+        "--per_device_prompt_batch_size",
+        str(PROMPT_BATCH),
+        "--per_device_train_batch_size",
+        str(TRAIN_BATCH),
+        "--update_iters",
+        str(UPDATE_ITERS),
+        "--max_new_tokens",
+        "32",
+        "--max_length",
+        "128",
+        "--actor_lr",
+        "1e-3",
+        "--critic_lr",
+        "1e-4",
+        "--episode_cost_window_size",
+        str(ROLLOUTS * PROMPT_BATCH),
+        "--lambda_init",
+        str(LAMBDA_INIT),
+        "--lambda_max",
+        str(LAMBDA_MAX),
+        "--constraint",
+        "rectified",
+        "--cost_limit",
+        str(RECTIFIED_LIMIT),
+        "--lambda_update",
+        "pid",
+        "--pid_kp",
+        str(PID["kp"]),
+        "--pid_ki",
+        str(PID["ki"]),
+        "--pid_kd",
+        str(PID["kd"]),
+        "--no_gradient_checkpointing",
+        "--seed",
+        "0",
+    ]
     scores, stream_costs = [], []
     original_scores, original_costs = ppo.end_scores, ppo.kl_penalized_costs
 
@@ -174,7 +262,9 @@ def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
     return result, raw_costs, stream_costs, json_lines(output_dir / "metrics.jsonl")
 
 
-RECTIFIED_LIMIT = -4.0  # between the SFT policy's safe and unsafe answers' costs on the toy world: some answers violate it
+RECTIFIED_LIMIT = (
+    -4.0
+)  # between the SFT policy's safe and unsafe answers' costs on the toy world: some answers violate it
 
 
 def test_rectified_constraint_feeds_max_0_c_minus_d_to_the_cost_stream(rectified_pid_run):
@@ -187,7 +277,9 @@ def test_rectified_constraint_feeds_max_0_c_minus_d_to_the_cost_stream(rectified
     # the violation that moves λ is the window's mean rectified cost (not its mean cost minus d)
     for k, row in enumerate(metrics):
         window = torch.cat(raw_costs[: k + 1])
-        assert row["lagrange/violation"] == pytest.approx((window - RECTIFIED_LIMIT).clamp(min=0).mean().item(), rel=1e-5)
+        assert row["lagrange/violation"] == pytest.approx(
+            (window - RECTIFIED_LIMIT).clamp(min=0).mean().item(), rel=1e-5
+        )
         assert row["objective/episode_cost"] == pytest.approx(window.mean().item(), rel=1e-5)
 
 
@@ -198,7 +290,81 @@ def test_pid_lambda_follows_the_recurrence_once_per_update_step(rectified_pid_ru
         g = row["lagrange/violation"]
         for _ in range(UPDATES_PER_ROLLOUT):  # the window, and so g, changes once per rollout
             previous = g if previous is None else previous
-            lam, integral = ppo.pid_lagrange_multiplier(g, previous, integral, PID["kp"], PID["ki"], PID["kd"], LAMBDA_MAX)
+            lam, integral = ppo.pid_lagrange_multiplier(
+                g, previous, integral, PID["kp"], PID["ki"], PID["kd"], LAMBDA_MAX
+            )
             previous = g
         assert row["lagrange/lambda"] == pytest.approx(lam, rel=1e-5), row["rollout"]
     assert lam != LAMBDA_INIT and result["lambda"] == pytest.approx(lam, rel=1e-5)
+
+
+# ---- PTX: one optimiser step on the summed gradients ----
+PTX_COEFF = 3.0
+
+
+@pytest.fixture(scope="module")
+def ptx_run(tiny, tmp_path_factory):
+    """ppo_lag with --ptx_data for 2 rollouts, no gradient clipping; at every update step it records the gradient of
+    the PPO loss alone, the SFT gradient on the PTX batch that step used, and the actor's gradient that the step
+    takes."""
+    output_dir = tmp_path_factory.mktemp("wiring") / "ptx"
+    argv = ["ppo_lagrangian.py", "--actor_model", str(tiny.sft_model), "--reward_model", str(tiny.reward),
+            "--cost_model", str(tiny.cost), "--prompt_data", str(tiny.prompts), "--ptx_data", str(tiny.sft),
+            "--ptx_coeff", str(PTX_COEFF), "--output_dir", str(output_dir), "--max_steps", "2", "--max_grad_norm", "0",
+            "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
+            "--max_length", "64", "--no_gradient_checkpointing", "--no_bf16", "--seed", "0"]  # fmt: skip
+    records, original = [], ppo.backward_actor
+
+    def recording(actor, policy_loss, ptx_batches, args, device, autocast):
+        parameters = list(actor.parameters())
+        ppo_gradient = torch.autograd.grad(policy_loss, parameters, retain_graph=True)
+        batch = next(ptx_batches)  # the batch the step will use, handed back to it
+        losses = original(actor, policy_loss, itertools.chain([batch], ptx_batches), args, device, autocast)
+        taken = [p.grad.clone() for p in parameters]
+        logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sft_loss = ppo.sft_loss_sum(logits, batch["labels"]) / ppo.count_answer_tokens(batch["labels"])
+        records.append((ppo_gradient, torch.autograd.grad(sft_loss, parameters), taken, losses["ptx"].item(),
+                        sft_loss.item()))  # fmt: skip
+        return losses
+
+    ppo.backward_actor, old_argv = recording, sys.argv
+    sys.argv = argv
+    try:
+        ppo.main()
+    finally:
+        ppo.backward_actor, sys.argv = original, old_argv
+    return records, json_lines(output_dir / "metrics.jsonl")
+
+
+def test_the_ptx_step_takes_the_ppo_gradient_plus_ptx_coeff_times_the_sft_gradient(ptx_run):
+    records, metrics = ptx_run
+    assert len(records) == 2 * 2  # 2 rollouts × (4 prompts / 2 per update step)
+    for ppo_gradient, sft_gradient, taken, logged_ptx, sft_loss in records:
+        assert logged_ptx == pytest.approx(sft_loss, rel=1e-5)  # the PTX loss is the SFT loss of that batch
+        for g_ppo, g_sft, g in zip(ppo_gradient, sft_gradient, taken):  # equal up to float32 rounding of the sums
+            assert (g - (g_ppo + PTX_COEFF * g_sft)).abs().max() <= 1e-5 * g.abs().max()
+        assert max((g_sft * PTX_COEFF).abs().max().item() for g_sft in sft_gradient) > 1e-3  # it does move the step
+    assert all("loss/ptx" in row for row in metrics)
+
+
+def test_each_critic_starts_from_its_own_score_model(tiny):
+    """The reward critic from the reward model, the cost critic from the cost model (not, say, both from one)."""
+    from safetensors.torch import load_file
+
+    models = {"actor_model": str(tiny.sft_model), "reward_model": str(tiny.reward), "cost_model": str(tiny.cost)}
+    args = ppo.Args(**models, bf16=False, gradient_checkpointing=False)
+    rank, args.world_size, device = ppo.setup_distributed()
+    try:
+        tokenizer = ppo.load_policy_tokenizer(args.actor_model)
+        _, _, reward_model, cost_model, critics = ppo.load_models(args, tokenizer, device, False)
+    finally:
+        ppo.dist.destroy_process_group()
+    saved = {name: load_file(getattr(tiny, name) / "model.safetensors") for name in ("reward", "cost")}
+    assert not torch.equal(
+        saved["reward"]["score.weight"], saved["cost"]["score.weight"]
+    )  # the test can tell them apart
+    for stream, critic in critics.items():
+        state = critic.score_model.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in saved[stream].items()), stream
+    for stream, frozen in (("reward", reward_model), ("cost", cost_model)):
+        assert torch.equal(frozen.score.weight, saved[stream]["score.weight"]) and not frozen.score.weight.requires_grad

@@ -11,9 +11,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import preference_model as pm
-from helpers import REPO, TINY_LLAMA, TOY, run_and_dump, run_script
+from helpers import REPO, TINY_LLAMA, TOY, run_and_dump
 
-log_sigmoid = lambda x: -math.log1p(math.exp(-x))
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
 
 
 def test_reward_loss_matches_hand_computation():
@@ -21,7 +23,9 @@ def test_reward_loss_matches_hand_computation():
     bradley_terry = -(log_sigmoid(1.0) + log_sigmoid(-1.0)) / 2
     regularizer = (1.0 + 0.25 + 0.0 + 2.25) / 4
     assert pm.reward_loss(better, worse).item() == pytest.approx(bradley_terry, rel=1e-6)
-    assert pm.reward_loss(better, worse, regularization=0.1).item() == pytest.approx(bradley_terry + 0.1 * regularizer, rel=1e-6)
+    assert pm.reward_loss(better, worse, regularization=0.1).item() == pytest.approx(
+        bradley_terry + 0.1 * regularizer, rel=1e-6
+    )
 
 
 def test_cost_loss_matches_hand_computation():
@@ -55,12 +59,24 @@ def test_cost_gradient_pushes_safe_below_zero_and_unsafe_above():
 def test_pairs_follow_the_labels_not_the_column_order():
     # response_1 is the better answer and response_0 the safer one: the reward model must rank response_1 first,
     # the cost model must treat response_0 as the safer answer (and response_1 as the unsafer one)
-    row = {"prompt": "p", "response_0": "zero", "response_1": "one", "better_response_id": 1, "safer_response_id": 0,
-           "is_response_0_safe": True, "is_response_1_safe": False}
+    row = {
+        "prompt": "p",
+        "response_0": "zero",
+        "response_1": "one",
+        "better_response_id": 1,
+        "safer_response_id": 0,
+        "is_response_0_safe": True,
+        "is_response_1_safe": False,
+    }
     (reward_pair,) = pm.preference_pairs([row], "x.jsonl", "reward")
     (cost_pair,) = pm.preference_pairs([row], "x.jsonl", "cost")
     assert (reward_pair.preferred, reward_pair.rejected) == ("one", "zero")
-    assert (cost_pair.preferred, cost_pair.rejected, cost_pair.preferred_is_safe, cost_pair.rejected_is_safe) == ("zero", "one", True, False)
+    assert (cost_pair.preferred, cost_pair.rejected, cost_pair.preferred_is_safe, cost_pair.rejected_is_safe) == (
+        "zero",
+        "one",
+        True,
+        False,
+    )
     # and the loss then pushes the better answer's score up: the preferred answer is the first half of the batch
     examples, _ = pm.pair_examples(AutoTokenizer.from_pretrained(TINY_LLAMA), [reward_pair], 64)
     batch = pm.collate_pairs(examples, 0)
@@ -81,8 +97,14 @@ def test_score_is_read_at_the_eos_whatever_the_padding():
     n = len(ids)
     variants = {  # (input ids, attention mask)
         "no padding": (ids, torch.ones(n, dtype=torch.long)),
-        "right 3": (torch.cat([ids, torch.full((3,), pad)]), torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(3, dtype=torch.long)])),
-        "left 5": (torch.cat([torch.full((5,), pad), ids]), torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(n, dtype=torch.long)])),
+        "right 3": (
+            torch.cat([ids, torch.full((3,), pad)]),
+            torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(3, dtype=torch.long)]),
+        ),
+        "left 5": (
+            torch.cat([torch.full((5,), pad), ids]),
+            torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(n, dtype=torch.long)]),
+        ),
     }
     with torch.no_grad():
         scores = {name: pm.end_scores(model, i[None], m[None]).item() for name, (i, m) in variants.items()}
@@ -117,7 +139,11 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["objective"] == objective and len(config["id2label"]) == 1 and config["pad_token_id"] != config["eos_token_id"]
+    assert (
+        config["objective"] == objective
+        and len(config["id2label"]) == 1
+        and config["pad_token_id"] != config["eos_token_id"]
+    )
     # recompute the eval accuracy with the reloaded model, through plain transformers (no position ids of ours)
     rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()]
     pairs = pm.preference_pairs(rows, "preference_test.jsonl", objective)
@@ -126,9 +152,13 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
     with torch.no_grad():
         for start in range(0, len(examples), 64):
             batch = pm.collate_pairs(examples[start : start + 64], tokenizer.pad_token_id)
-            preferred, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
+            preferred, rejected = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
+            )
             correct += ((preferred > rejected) if objective == "reward" else (rejected > preferred)).sum().item()
-            signs += ((preferred > 0) == ~batch["preferred_is_safe"]).sum().item() + ((rejected > 0) == ~batch["rejected_is_safe"]).sum().item()
+            signs += ((preferred > 0) == ~batch["preferred_is_safe"]).sum().item() + (
+                (rejected > 0) == ~batch["rejected_is_safe"]
+            ).sum().item()
     metrics = json.loads((model_dir / "eval.json").read_text())
     assert correct / len(examples) == pytest.approx(metrics["eval/accuracy"], abs=1e-9)
     if objective == "cost":
@@ -136,13 +166,37 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
 
 
 def test_two_ranks_agree(sft_checkpoint, tmp_path):
-    run_and_dump("preference_model.py", tmp_path / "dump", "--objective", "cost", "--model_name_or_path", sft_checkpoint,
-                 "--train_data", TOY / "preference_train.jsonl", "--eval_data", TOY / "preference_test.jsonl",
-                 "--output_dir", tmp_path / "cost", "--max_steps", 4, "--per_device_train_batch_size", 4,
-                 "--lr", 5e-4, "--max_length", 128, "--no_gradient_checkpointing", nproc=2)
+    run_and_dump(
+        "preference_model.py",
+        tmp_path / "dump",
+        "--objective",
+        "cost",
+        "--model_name_or_path",
+        sft_checkpoint,
+        "--train_data",
+        TOY / "preference_train.jsonl",
+        "--eval_data",
+        TOY / "preference_test.jsonl",
+        "--output_dir",
+        tmp_path / "cost",
+        "--max_steps",
+        4,
+        "--per_device_train_batch_size",
+        4,
+        "--lr",
+        5e-4,
+        "--max_length",
+        128,
+        "--no_gradient_checkpointing",
+        nproc=2,
+    )
     rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
-    assert rank0["metrics"] == rank1["metrics"] and set(rank0["metrics"]) == {"eval/loss", "eval/accuracy", "eval/sign_accuracy"}
+    assert rank0["metrics"] == rank1["metrics"] and set(rank0["metrics"]) == {
+        "eval/loss",
+        "eval/accuracy",
+        "eval/sign_accuracy",
+    }
     saved = json.loads((tmp_path / "cost" / "eval.json").read_text())
     assert saved["eval/accuracy"] == rank0["metrics"]["eval/accuracy"]
 
@@ -158,10 +212,18 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, tmp_pa
     for name, data in (("inconsistent", inconsistent), ("missing", missing), ("wrong", wrong)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     cases = {
-        "inconsistent safety": (["--objective", "cost", "--train_data", tmp_path / "inconsistent.jsonl"],
-                                ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"]),
-        "missing field": (["--train_data", tmp_path / "missing.jsonl"], ["missing.jsonl, row 4", "'safer_response_id'"]),
-        "bad id": (["--train_data", tmp_path / "wrong.jsonl"], ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"]),
+        "inconsistent safety": (
+            ["--objective", "cost", "--train_data", tmp_path / "inconsistent.jsonl"],
+            ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"],
+        ),
+        "missing field": (
+            ["--train_data", tmp_path / "missing.jsonl"],
+            ["missing.jsonl, row 4", "'safer_response_id'"],
+        ),
+        "bad id": (
+            ["--train_data", tmp_path / "wrong.jsonl"],
+            ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"],
+        ),
         "missing model": (["--model_name_or_path", tmp_path / "nowhere"], ["nowhere", "cannot load"]),
         "pad equals eos": (["--model_name_or_path", TINY_LLAMA, "--objective", "reward"], []),
     }
@@ -170,13 +232,26 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, tmp_pa
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path / "pad-is-eos")
     AutoConfig.from_pretrained(TINY_LLAMA).save_pretrained(tmp_path / "pad-is-eos")
-    cases["pad equals eos"] = (["--model_name_or_path", tmp_path / "pad-is-eos"], ["pad-is-eos", "pad token must exist and differ from EOS"])
-    good = ["--model_name_or_path", sft_checkpoint, "--train_data", TOY / "preference_train.jsonl", "--eval_data", TOY / "preference_test.jsonl"]
+    cases["pad equals eos"] = (
+        ["--model_name_or_path", tmp_path / "pad-is-eos"],
+        ["pad-is-eos", "pad token must exist and differ from EOS"],
+    )
+    good = [
+        "--model_name_or_path",
+        sft_checkpoint,
+        "--train_data",
+        TOY / "preference_train.jsonl",
+        "--eval_data",
+        TOY / "preference_test.jsonl",
+    ]
     processes = {}
     for name, (bad, _) in cases.items():
         output_dir = tmp_path / name.replace(" ", "_")
         command = [sys.executable, "preference_model.py", *map(str, good + bad), "--output_dir", str(output_dir)]
-        processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), output_dir)
+        processes[name] = (
+            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            output_dir,
+        )
     for name, (process, output_dir) in processes.items():
         _, stderr = process.communicate(timeout=300)
         last_line = stderr.strip().splitlines()[-1]

@@ -3,52 +3,20 @@ where the same run without the kill ends: the same weights (to 1e-6), the same m
 PPO-Lagrangian the same critics and λ. Also under torchrun with 2 ranks. The models are tiny and built from a config."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from helpers import REPO, TINY_LLAMA, TOY, run_script
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def launcher(nproc):
-    return [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-
-
-def run(script, *args, nproc=1):
-    """Run to the end, as a user would; one thread per process in every run of a comparison (the same float sums)."""
-    result = subprocess.run(launcher(nproc) + [script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def kill_after_second_state(script, args, output_dir, nproc=1):
-    """Start the run, wait until it has written two states, SIGKILL it (every process), return the newest state's N."""
-    process = subprocess.Popen(launcher(nproc) + [script, *map(str, args), "--output_dir", str(output_dir)], cwd=REPO, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    deadline = time.time() + 600
-    while len(list(partial.glob("checkpoint-*[0-9]"))) < 2:
-        assert process.poll() is None, f"the run ended before its second state: {process.stderr.read()[-3000:]}"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not output_dir.exists()  # a killed run leaves no output, only its working directory
-    return max(int(path.name.rsplit("-", 1)[1]) for path in partial.glob("checkpoint-*[0-9]"))
+from helpers import TINY_LLAMA, TOY, kill_after_second_state, run, run_script
 
 
 def metrics(path, key):
-    return {row[key]: {k: v for k, v in row.items() if k != "train/elapsed_seconds"}
-            for row in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())}
+    return {
+        row[key]: {k: v for k, v in row.items() if k != "train/elapsed_seconds"}
+        for row in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 def assert_same_run(resumed, uninterrupted, resumed_from, key):
@@ -63,12 +31,34 @@ def assert_same_run(resumed, uninterrupted, resumed_from, key):
     assert not resumed.with_name(resumed.name + ".partial").exists()  # the states are gone with the finished run
 
 
-SFT = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--max_steps", 30, "--save_steps", 3,
-       "--lr", 1e-3, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--max_length", 96,
-       "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]
+SFT = [
+    "--model_name_or_path",
+    TINY_LLAMA,
+    "--from_scratch",
+    "--train_data",
+    TOY / "sft.jsonl",
+    "--max_steps",
+    30,
+    "--save_steps",
+    3,
+    "--lr",
+    1e-3,
+    "--per_device_train_batch_size",
+    4,
+    "--gradient_accumulation_steps",
+    2,
+    "--max_length",
+    96,
+    "--no_gradient_checkpointing",
+    "--no_bf16",
+    "--seed",
+    0,
+]
 
 
-@pytest.mark.parametrize("nproc, extra", [(1, []), (2, []), (2, ["--fsdp"])], ids=["one process", "2 ranks DDP", "2 ranks FSDP"])
+@pytest.mark.parametrize(
+    "nproc, extra", [(1, []), (2, []), (2, ["--fsdp"])], ids=["one process", "2 ranks DDP", "2 ranks FSDP"]
+)
 def test_sft_resumes_where_it_was_killed(tmp_path, nproc, extra):
     args = SFT + extra  # under FSDP each rank saves and loads its own shards of the model and of AdamW's moments
     resumed_from = kill_after_second_state("sft.py", args, tmp_path / "resumed", nproc)
@@ -96,9 +86,30 @@ def tiny_models(tmp_path_factory):
 
 
 def test_preference_model_resumes_where_it_was_killed(tiny_models, tmp_path):
-    args = ["--objective", "cost", "--model_name_or_path", tiny_models / "sft", "--train_data", TOY / "preference_train.jsonl",
-            "--eval_data", "", "--max_steps", 24, "--save_steps", 3, "--lr", 5e-4, "--per_device_train_batch_size", 4,
-            "--max_length", 96, "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]
+    args = [
+        "--objective",
+        "cost",
+        "--model_name_or_path",
+        tiny_models / "sft",
+        "--train_data",
+        TOY / "preference_train.jsonl",
+        "--eval_data",
+        "",
+        "--max_steps",
+        24,
+        "--save_steps",
+        3,
+        "--lr",
+        5e-4,
+        "--per_device_train_batch_size",
+        4,
+        "--max_length",
+        96,
+        "--no_gradient_checkpointing",
+        "--no_bf16",
+        "--seed",
+        0,
+    ]
     resumed_from = kill_after_second_state("preference_model.py", args, tmp_path / "resumed")
     run("preference_model.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
     run("preference_model.py", *args, "--output_dir", tmp_path / "uninterrupted")
@@ -106,16 +117,53 @@ def test_preference_model_resumes_where_it_was_killed(tiny_models, tmp_path):
 
 
 def test_ppo_lagrangian_resumes_where_it_was_killed(tiny_models, tmp_path):
-    args = ["--actor_model", tiny_models / "sft", "--reward_model", tiny_models / "reward", "--cost_model", tiny_models / "cost",
-            "--prompt_data", TOY / "prompts.jsonl", "--max_steps", 16, "--save_steps", 2, "--per_device_prompt_batch_size", 4,
-            "--per_device_train_batch_size", 2, "--update_iters", 2, "--max_new_tokens", 8, "--max_length", 64, "--actor_lr", 1e-4,
-            "--critic_lr", 1e-4, "--cost_limit", -5.0, "--lambda_lr", 0.05, "--episode_cost_window_size", 12, "--save_critics",
-            "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]
+    args = [
+        "--actor_model",
+        tiny_models / "sft",
+        "--reward_model",
+        tiny_models / "reward",
+        "--cost_model",
+        tiny_models / "cost",
+        "--prompt_data",
+        TOY / "prompts.jsonl",
+        "--max_steps",
+        16,
+        "--save_steps",
+        2,
+        "--per_device_prompt_batch_size",
+        4,
+        "--per_device_train_batch_size",
+        2,
+        "--update_iters",
+        2,
+        "--max_new_tokens",
+        8,
+        "--max_length",
+        64,
+        "--actor_lr",
+        1e-4,
+        "--critic_lr",
+        1e-4,
+        "--cost_limit",
+        -5.0,
+        "--lambda_lr",
+        0.05,
+        "--episode_cost_window_size",
+        12,
+        "--save_critics",
+        "--no_gradient_checkpointing",
+        "--no_bf16",
+        "--seed",
+        0,
+    ]
     resumed_from = kill_after_second_state("ppo_lagrangian.py", args, tmp_path / "resumed")
     run("ppo_lagrangian.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
     run("ppo_lagrangian.py", *args, "--output_dir", tmp_path / "uninterrupted")
     assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "rollout")
-    lambdas = [json.loads((tmp_path / name / "training_state.json").read_text())["lambda"] for name in ("resumed", "uninterrupted")]
+    lambdas = [
+        json.loads((tmp_path / name / "training_state.json").read_text())["lambda"]
+        for name in ("resumed", "uninterrupted")
+    ]
     assert lambdas[0] == pytest.approx(lambdas[1], rel=1e-6) and lambdas[0] != 1.0
 
 

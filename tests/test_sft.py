@@ -41,7 +41,9 @@ def test_prompt_tokens_contribute_nothing():
 
 def test_examples_mask_exactly_the_prompt():
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
-    examples, dropped = sft.sft_examples(tokenizer, [("How do I bake bread?", "Sure! Mix, knead and bake.")], max_length=128)
+    examples, dropped = sft.sft_examples(
+        tokenizer, [("How do I bake bread?", "Sure! Mix, knead and bake.")], max_length=128
+    )
     prompt_ids = tokenizer(sft.PROMPT_TEMPLATE.format(prompt="How do I bake bread?"))["input_ids"]
     example = examples[0]
     assert dropped == 0 and example["input_ids"][: len(prompt_ids)] == prompt_ids
@@ -55,7 +57,9 @@ def test_examples_mask_exactly_the_prompt():
 
 
 def test_alpaca_rows_are_accepted():
-    pairs = sft.sft_rows([{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi", "response": "Hello"}], "x.jsonl")
+    pairs = sft.sft_rows(
+        [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi", "response": "Hello"}], "x.jsonl"
+    )
     # the reference joins instruction and input with a space (safe_rlhf/datasets/raw/alpaca.py)
     assert pairs == [("Add 2 and 3", "5"), ("Hi", "Hello")]
 
@@ -63,14 +67,45 @@ def test_alpaca_rows_are_accepted():
 def test_accumulation_and_ddp_give_the_same_step(tmp_path):
     """One optimiser step over the same global batch of 8: (1 process, 1 micro-step of 8),
     (1 process, 4 micro-steps of 2), (2 processes, 2 micro-steps of 2) give the same parameters."""
-    common = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--max_steps", 1,
-              "--lr_scheduler", "constant", "--lr_warmup_ratio", 0, "--max_length", 96, "--no_gradient_checkpointing",
-              "--no_bf16", "--seed", 0]
+    common = [
+        "--model_name_or_path",
+        TINY_LLAMA,
+        "--from_scratch",
+        "--train_data",
+        TOY / "sft.jsonl",
+        "--max_steps",
+        1,
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_ratio",
+        0,
+        "--max_length",
+        96,
+        "--no_gradient_checkpointing",
+        "--no_bf16",
+        "--seed",
+        0,
+    ]
     runs = {"full": (1, 8, 1), "accumulate": (1, 2, 4), "ddp": (2, 2, 2)}
     for name, (nproc, batch, accumulation) in runs.items():
-        run_and_dump("sft.py", tmp_path / name, *common, "--output_dir", tmp_path / f"out-{name}", "--lr", 1e-3,
-                     "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation, nproc=nproc)
-    load = lambda name, rank=0: torch.load(tmp_path / name / f"rank{rank}.pt")["model"]
+        run_and_dump(
+            "sft.py",
+            tmp_path / name,
+            *common,
+            "--output_dir",
+            tmp_path / f"out-{name}",
+            "--lr",
+            1e-3,
+            "--per_device_train_batch_size",
+            batch,
+            "--gradient_accumulation_steps",
+            accumulation,
+            nproc=nproc,
+        )
+
+    def load(name, rank=0):
+        return torch.load(tmp_path / name / f"rank{rank}.pt")["model"]
+
     full = load("full")
     set_seed(0)  # the weights sft.py --from_scratch --seed 0 starts from (--lr 0 is refused, so they are rebuilt here)
     initial = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).state_dict()
@@ -94,12 +129,18 @@ def test_short_run_learns_and_checkpoint_generates(sft_checkpoint):
     model = AutoModelForCausalLM.from_pretrained(sft_checkpoint)
     sys.path.insert(0, str(REPO / "data"))
     from toy_world import judge
+
     prompts = [json.loads(line)["prompt"] for line in (TOY / "eval_prompts.jsonl").read_text().splitlines()[:20]]
     recognised = 0
     for prompt in prompts:
         input_ids = torch.tensor([tokenizer(sft.PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]])
-        output = model.generate(input_ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            input_ids,
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
         recognised += judge(prompt, answer)["archetype"] != "other"
     assert recognised >= 16, f"only {recognised}/20 greedy answers are answers of the toy world"
@@ -107,6 +148,7 @@ def test_short_run_learns_and_checkpoint_generates(sft_checkpoint):
 
 def test_tensorboard_events_hold_the_training_loss(sft_checkpoint):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     (events,) = (sft_checkpoint / "runs").glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
@@ -117,11 +159,17 @@ def test_tensorboard_events_hold_the_training_loss(sft_checkpoint):
 
 def test_local_csv_and_parquet_files_are_read(tmp_path):
     import datasets
-    rows = [{"prompt": "How do I bake bread?", "response": "Mix, knead and bake."}, {"prompt": "Hi", "response": "Hello"}]
+
+    rows = [
+        {"prompt": "How do I bake bread?", "response": "Mix, knead and bake."},
+        {"prompt": "Hi", "response": "Hello"},
+    ]
     datasets.Dataset.from_list(rows).to_csv(tmp_path / "rows.csv", index=False)
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
     for name in ("rows.csv", "rows.parquet"):
-        assert sft.sft_rows(sft.load_rows(str(tmp_path / name), "train"), name) == [(r["prompt"], r["response"]) for r in rows]
+        assert sft.sft_rows(sft.load_rows(str(tmp_path / name), "train"), name) == [
+            (r["prompt"], r["response"]) for r in rows
+        ]
 
 
 def _bad_input_cases(tmp_path):
@@ -131,15 +179,26 @@ def _bad_input_cases(tmp_path):
     (tmp_path / "bad_json.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n')
     (tmp_path / "wrong_type.jsonl").write_text('{"prompt": "a", "response": 7}\n')
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "blank_lines.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n\n{"prompt": "c", "response": ""}\n')
+    (tmp_path / "blank_lines.jsonl").write_text(
+        '{"prompt": "a", "response": "b"}\n\n\n{"prompt": "c", "response": ""}\n'
+    )
     return {
         "missing file": (["--train_data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
         "unknown format": (["--train_data", tmp_path / "rows.txt"], ["rows.txt", "unknown format"]),
-        "missing field": (["--train_data", tmp_path / "missing_field.jsonl"], ["missing_field.jsonl, row 2", "'response'"]),
-        "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl: cannot be read", "JSON parse error"]),
-        "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "expected a non-empty string"]),
+        "missing field": (
+            ["--train_data", tmp_path / "missing_field.jsonl"],
+            ["missing_field.jsonl, row 2", "'response'"],
+        ),
+        "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl, row 3: not one JSON object"]),
+        "wrong type": (
+            ["--train_data", tmp_path / "wrong_type.jsonl"],
+            ["row 1, field 'response'", "expected a non-empty string"],
+        ),
         "empty": (["--train_data", tmp_path / "empty.jsonl"], ["empty.jsonl: no rows"]),
-        "blank lines": (["--train_data", tmp_path / "blank_lines.jsonl"], ["blank_lines.jsonl, row 4, field 'response'"]),  # the line
+        "blank lines": (
+            ["--train_data", tmp_path / "blank_lines.jsonl"],
+            ["blank_lines.jsonl, row 4, field 'response'"],
+        ),  # the line
         "missing model": (["--model_name_or_path", tmp_path / "no-such-model"], ["no-such-model", "cannot load"]),
         "missing eval file": (["--eval_data", tmp_path / "eval.json"], ["eval.json", "no such file"]),
     }, good
@@ -151,7 +210,10 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path):
     for name, (bad, _) in cases.items():
         output_dir = tmp_path / name.replace(" ", "_")
         command = [sys.executable, "sft.py", *map(str, good + bad), "--output_dir", str(output_dir)]
-        processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), output_dir)
+        processes[name] = (
+            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            output_dir,
+        )
     for name, (process, output_dir) in processes.items():
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 1, (name, stderr[-2000:])

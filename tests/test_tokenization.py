@@ -14,7 +14,9 @@ from helpers import REPO, TINY_LLAMA, TOY
 ROWS = [json.loads(line) for line in (TOY / "sft.jsonl").read_text().splitlines()[:300]]
 
 
-@pytest.mark.parametrize("tokenizer_dir", [TINY_LLAMA, REPO / "data" / "tiny-llama-sp"], ids=["byte-level", "sentencepiece-style"])
+@pytest.mark.parametrize(
+    "tokenizer_dir", [TINY_LLAMA, REPO / "data" / "tiny-llama-sp"], ids=["byte-level", "sentencepiece-style"]
+)
 def test_the_answer_gets_the_tokens_it_has_after_the_prompt(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for row in ROWS:
@@ -26,7 +28,8 @@ def test_the_answer_gets_the_tokens_it_has_after_the_prompt(tokenizer_dir):
         # a model that generates these answer tokens after the prompt writes the answer (what the rollout decodes) ...
         generated_text = tokenizer.decode(prompt_ids + answer_ids[:-1], skip_special_tokens=True)
         assert generated_text == prompt_text + " " + row["response"]
-        # ... and the decoded answer, tokenised again (evaluate.py re-scores answers from their text), gives the same tokens
+        # ... and the decoded answer, tokenised again (evaluate.py re-scores answers from their text), gives the same
+        # tokens
         decoded = tokenizer.decode(answer_ids[:-1], skip_special_tokens=True).strip()
         assert sft.tokenize_prompt_and_answer(tokenizer, row["prompt"], decoded, 512) == (prompt_ids, answer_ids)
 

@@ -20,8 +20,15 @@ MODEL_DIR = ROOT / "data" / "tiny-llama"
 SP_MODEL_DIR = ROOT / "data" / "tiny-llama-sp"
 FILES = ("sft.jsonl", "preference_train.jsonl", "preference_test.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
 REDTEAM_FILES = ("redteam_prompts.jsonl", "redteam_eval_prompts.jsonl")
-PREFERENCE_KEYS = ["prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
-                   "is_response_0_safe", "is_response_1_safe"]
+PREFERENCE_KEYS = [
+    "prompt",
+    "response_0",
+    "response_1",
+    "better_response_id",
+    "safer_response_id",
+    "is_response_0_safe",
+    "is_response_1_safe",
+]
 PROMPT_KEYS = ["prompt", "harmful", "category"]
 
 
@@ -60,19 +67,25 @@ both_worlds = pytest.mark.parametrize("world", sorted(tw.WORLDS))
 
 # ---- the files ----
 def test_judge_import_is_stdlib_only():
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('tw', 'data/toy_world.py'); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "heavy = [n for n in ('torch', 'transformers', 'tokenizers', 'numpy') if n in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('tw', 'data/toy_world.py'); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "heavy = [n for n in ('torch', 'transformers', 'tokenizers', 'numpy') if n in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 @both_worlds
 def test_schema_and_sizes(world):
     data, spec = committed(world), tw.WORLDS[world]
-    sizes = {"sft.jsonl": spec.sft_rows, "preference_train.jsonl": spec.preference_train_rows,
-             "preference_test.jsonl": spec.preference_test_rows, "prompts.jsonl": spec.rl_prompt_rows,
-             "eval_prompts.jsonl": spec.eval_prompt_rows}
+    sizes = {
+        "sft.jsonl": spec.sft_rows,
+        "preference_train.jsonl": spec.preference_train_rows,
+        "preference_test.jsonl": spec.preference_test_rows,
+        "prompts.jsonl": spec.rl_prompt_rows,
+        "eval_prompts.jsonl": spec.eval_prompt_rows,
+    }
     for name, size in sizes.items():
         assert len(data[name]) == size, (name, len(data[name]))
     assert 1500 <= len(data["sft.jsonl"]) <= 3000 and 800 <= len(data["prompts.jsonl"]) <= 2000
@@ -81,7 +94,11 @@ def test_schema_and_sizes(world):
     for name in ("preference_train.jsonl", "preference_test.jsonl"):
         for row in data[name]:
             assert list(row) == PREFERENCE_KEYS, (name, list(row))
-            assert isinstance(row["prompt"], str) and isinstance(row["response_0"], str) and isinstance(row["response_1"], str)
+            assert (
+                isinstance(row["prompt"], str)
+                and isinstance(row["response_0"], str)
+                and isinstance(row["response_1"], str)
+            )
             assert row["response_0"] != row["response_1"]
             for key in ("better_response_id", "safer_response_id"):
                 assert type(row[key]) is int and row[key] in (0, 1)
@@ -104,7 +121,10 @@ def test_red_team_prompts_ask_every_harmful_task_in_phrasings_no_other_file_uses
     folder = ROOT / "data" / spec.folder
     redteam, held_out = (read_jsonl(folder / name) for name in REDTEAM_FILES)
     harmful_tasks = {task for task, (harmful, _, _) in spec.tasks.items() if harmful}
-    for rows, phrasings in ((redteam, tw.REDTEAM_PHRASINGS[: -tw.REDTEAM_HELD_OUT]), (held_out, tw.REDTEAM_PHRASINGS[-tw.REDTEAM_HELD_OUT :])):
+    for rows, phrasings in (
+        (redteam, tw.REDTEAM_PHRASINGS[: -tw.REDTEAM_HELD_OUT]),
+        (held_out, tw.REDTEAM_PHRASINGS[-tw.REDTEAM_HELD_OUT :]),
+    ):
         assert len(rows) == len(harmful_tasks) * len(phrasings)
         for row in rows:
             verdict = tw.judge(row["prompt"], "")
@@ -115,7 +135,9 @@ def test_red_team_prompts_ask_every_harmful_task_in_phrasings_no_other_file_uses
     assert not everywhere_else & {row["prompt"] for row in redteam + held_out}
     assert not {row["prompt"] for row in redteam} & {row["prompt"] for row in held_out}
     for phrasing in tw.REDTEAM_PHRASINGS:  # a phrasing of the first round's prompts would not be red-teaming
-        assert phrasing not in spec.phrasings and phrasing.split("{task}")[0].strip() not in {p.split("{task}")[0].strip() for p in spec.phrasings}
+        assert phrasing not in spec.phrasings and phrasing.split("{task}")[0].strip() not in {
+            p.split("{task}")[0].strip() for p in spec.phrasings
+        }
 
 
 def test_held_out_prompts(data):
@@ -189,7 +211,9 @@ def test_small_world_prompts():
     # the preference test asks the held-out eval prompts (a small world has no second held-out set)
     assert distinct["preference_test.jsonl"] == distinct["eval_prompts.jsonl"]
     # held out as strings, but every task is in both: an eval prompt is a seen task in a new wording
-    tasks = {name: {tw.prompt_task(prompt) for prompt in distinct[name]} for name in ("eval_prompts.jsonl", "prompts.jsonl")}
+    tasks = {
+        name: {tw.prompt_task(prompt) for prompt in distinct[name]} for name in ("eval_prompts.jsonl", "prompts.jsonl")
+    }
     assert tasks["eval_prompts.jsonl"] == tasks["prompts.jsonl"] == set(spec.tasks)
     assert len(spec.harm_categories) == len(spec.benign_topics) == 5
 
@@ -202,7 +226,11 @@ def test_judge_on_every_small_world_answer():
             for archetype, texts in tw.answers_for(task).items():
                 for text in texts:
                     verdict = tw.judge(prompt, text)
-                    assert (verdict["task"], verdict["harmful_prompt"], verdict["category"]) == (task, harmful, category)
+                    assert (verdict["task"], verdict["harmful_prompt"], verdict["category"]) == (
+                        task,
+                        harmful,
+                        category,
+                    )
                     assert verdict["archetype"] == archetype, (prompt, text, verdict)
                     assert verdict["harmful"] == (archetype == "comply")
                     assert verdict["helpful"] == (archetype in ("comply", "helpful"))
@@ -210,8 +238,11 @@ def test_judge_on_every_small_world_answer():
 
 
 def test_small_world_regeneration_is_byte_identical(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "data" / "toy_world.py"), "--world", "small", "--out_dir", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "data" / "toy_world.py"), "--world", "small", "--out_dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for name in FILES + REDTEAM_FILES:
         assert (tmp_path / "toy_small" / name).read_bytes() == (SMALL_DIR / name).read_bytes(), name
     assert not (tmp_path / "toy").exists() and not (tmp_path / "tiny-llama").exists()  # it writes its world only
@@ -227,7 +258,9 @@ def test_small_world_fits_the_pipeline_lengths():
         prompts = [tw.PROMPT_TEMPLATE.format(prompt=prompt) for prompt in tw.prompts_for(task)]
         answers = [text for texts in tw.answers_for(task).values() for text in texts]
         prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-        answer_lengths = [len(ids) + 1 for ids in tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]]
+        answer_lengths = [
+            len(ids) + 1 for ids in tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+        ]
         assert max(answer_lengths) <= 48, task
         assert max(prompt_lengths) + max(answer_lengths) <= 100, task  # well under max_length 128
 
@@ -276,8 +309,11 @@ def test_sft_mixture(world):
 
 
 def test_regeneration_is_byte_identical(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "data" / "toy_world.py"), "--out_dir", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "data" / "toy_world.py"), "--out_dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for name in FILES + REDTEAM_FILES:
         assert (tmp_path / "toy" / name).read_bytes() == (TOY_DIR / name).read_bytes(), name
     for model_dir in (MODEL_DIR, SP_MODEL_DIR):
@@ -293,8 +329,9 @@ def test_regeneration_is_byte_identical(tmp_path):
 def test_judge_classifies_every_test_answer(world):
     _, archetypes = generated_files(world)
     for row, pair in zip(committed(world)["preference_test.jsonl"], archetypes["preference_test.jsonl"]):
-        for response, archetype, safe in zip((row["response_0"], row["response_1"]), pair,
-                                             (row["is_response_0_safe"], row["is_response_1_safe"])):
+        for response, archetype, safe in zip(
+            (row["response_0"], row["response_1"]), pair, (row["is_response_0_safe"], row["is_response_1_safe"])
+        ):
             verdict = tw.judge(row["prompt"], response)
             assert verdict["archetype"] == archetype, (row["prompt"], response, verdict)
             assert verdict["harmful_prompt"] == (archetype in tw.HARMFUL_ARCHETYPES)
@@ -366,7 +403,12 @@ def test_tokenizer_and_config():
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.eos_token_id not in ids
     assert tokenizer(" hello", add_special_tokens=False)["input_ids"][0] != tokenizer.bos_token_id
-    for text in ("Sure! To grow tomatoes in pots, first ...", "Ünïcödé — 日本語 🙂 ,  spaces .\ttab\nline", " x  ", "a.b,c!?"):
+    for text in (
+        "Sure! To grow tomatoes in pots, first ...",
+        "Ünïcödé — 日本語 🙂 ,  spaces .\ttab\nline",
+        " x  ",
+        "a.b,c!?",
+    ):
         assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
         assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
@@ -395,7 +437,7 @@ def test_sentencepiece_style_tokenizer():
     prompt = tw.PROMPT_TEMPLATE.format(prompt="How do I grow tomatoes in pots?")
     answer = tw.answers_for("grow tomatoes in pots")["helpful"][0]
     prompt_ids = tokenizer(prompt)["input_ids"]
-    in_context = tokenizer(prompt + " " + answer)["input_ids"][len(prompt_ids):]
+    in_context = tokenizer(prompt + " " + answer)["input_ids"][len(prompt_ids) :]
     alone = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     assert alone != in_context and alone == [dummy_prefix] + in_context
     assert prompt_ids[0] == tokenizer.bos_token_id and tokenizer.convert_ids_to_tokens(prompt_ids[-1]) == "▁ASSISTANT:"
@@ -410,7 +452,7 @@ def test_sentencepiece_style_tokenizer():
             for answer, answer_alone in zip(answers, alone):
                 ids = next(full)
                 assert ids[: len(templated_prompt_ids)] == templated_prompt_ids, (task, answer)
-                assert answer_alone == [dummy_prefix] + ids[len(templated_prompt_ids):], (task, answer)
+                assert answer_alone == [dummy_prefix] + ids[len(templated_prompt_ids) :], (task, answer)
 
     config = AutoConfig.from_pretrained(SP_MODEL_DIR)
     assert config.vocab_size == len(tokenizer)
