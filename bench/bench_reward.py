@@ -22,10 +22,21 @@ import shutil
 import time
 from pathlib import Path
 
-from common import (TOY, common_arguments, free_memory, median, patched, report, run_main, save_record, sft_checkpoint, sync)
-
 import torch
+from common import (
+    TOY,
+    common_arguments,
+    free_memory,
+    median,
+    patched,
+    report,
+    run_main,
+    save_record,
+    sft_checkpoint,
+    sync,
+)
 from torch.utils.data import DistributedSampler
+
 import preference_model as pm
 
 REGULARIZATION = 0.001
@@ -46,12 +57,48 @@ def run_ours(args, model_dir, run_dir):
         tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
-    argv = ["--objective", "reward", "--model_name_or_path", model_dir, "--train_data", TOY / "preference_train.jsonl", "--eval_data", "",
-            "--output_dir", run_dir, "--epochs", 1000, "--max_steps", args.warmup + args.steps,
-            "--per_device_train_batch_size", args.batch_size, "--gradient_accumulation_steps", 1, "--max_length", args.max_length,
-            "--lr", args.lr, "--weight_decay", 0.0, "--adam_beta1", 0.9, "--adam_beta2", 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine",
-            "--lr_warmup_ratio", 0.03, "--regularization", REGULARIZATION, "--no_gradient_checkpointing", "--logging_steps", 1,
-            "--bf16" if args.bf16 else "--no_bf16"]
+    argv = [
+        "--objective",
+        "reward",
+        "--model_name_or_path",
+        model_dir,
+        "--train_data",
+        TOY / "preference_train.jsonl",
+        "--eval_data",
+        "",
+        "--output_dir",
+        run_dir,
+        "--epochs",
+        1000,
+        "--max_steps",
+        args.warmup + args.steps,
+        "--per_device_train_batch_size",
+        args.batch_size,
+        "--gradient_accumulation_steps",
+        1,
+        "--max_length",
+        args.max_length,
+        "--lr",
+        args.lr,
+        "--weight_decay",
+        0.0,
+        "--adam_beta1",
+        0.9,
+        "--adam_beta2",
+        0.95,
+        "--max_grad_norm",
+        1.0,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_ratio",
+        0.03,
+        "--regularization",
+        REGULARIZATION,
+        "--no_gradient_checkpointing",
+        "--logging_steps",
+        1,
+        "--bf16" if args.bf16 else "--no_bf16",
+    ]
     with patched(pm, log_metrics=log_metrics, collate_pairs=collate_pairs):
         result = run_main(pm, argv)
     del result
@@ -72,12 +119,32 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
     model.config.use_cache = False
     total = args.warmup + args.steps
     config = RewardConfig(
-        output_dir=str(run_dir), max_steps=total, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.03 * total), weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=args.bf16, fp16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-        max_length=args.max_length, center_rewards_coefficient=REGULARIZATION, logging_steps=1, save_strategy="no",
-        report_to="none", seed=args.seed, disable_tqdm=True, dataloader_num_workers=0)
+        output_dir=str(run_dir),
+        max_steps=total,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(0.03 * total),
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=args.bf16,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        max_length=args.max_length,
+        center_rewards_coefficient=REGULARIZATION,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     stamps = []
 
@@ -88,17 +155,20 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
 
     trainer.add_callback(Clock())
     # the same batches in the same order as ours: the sampler of our scripts (torch.randperm seeded with seed + epoch)
-    trainer._get_train_sampler = lambda *_, **__: DistributedSampler(trainer.train_dataset, num_replicas=1, rank=0, shuffle=True,
-                                                                     seed=args.seed, drop_last=True)
+    trainer._get_train_sampler = lambda *_, **__: DistributedSampler(
+        trainer.train_dataset, num_replicas=1, rank=0, shuffle=True, seed=args.seed, drop_last=True
+    )
     trainer.train()
-    del trainer, model
+    trainer = model = None  # (freed before the next side runs)
     shutil.rmtree(run_dir, ignore_errors=True)
     (t0, k0), (t1, k1) = stamps[args.warmup - 1], stamps[total - 1]
     return args.steps * args.batch_size / (t1 - t0), (k1 - k0) / (t1 - t0)
 
 
 def main():
-    parser = common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "20m")
+    parser = common_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "20m"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="pairs per step (2x sequences)")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
@@ -113,9 +183,12 @@ def main():
     run_dir = Path(args.scratch) / "runs" / "reward"
 
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = pm.load_rows(str(TOY / "preference_train.jsonl"), "train")
-    examples, _ = pm.pair_examples(tokenizer, pm.preference_pairs(rows, "preference_train.jsonl", "reward"), args.max_length)
+    examples, _ = pm.pair_examples(
+        tokenizer, pm.preference_pairs(rows, "preference_train.jsonl", "reward"), args.max_length
+    )
 
     ours, theirs, ours_tokens, theirs_tokens = [], [], [], []
     for repeat in range(args.repeats):
@@ -127,13 +200,26 @@ def main():
         theirs.append(pairs)
         theirs_tokens.append(tokens)
         free_memory()
-        print(f"repeat {repeat + 1}/{args.repeats}: ours {ours[-1]:,.1f} pairs/s, TRL {theirs[-1]:,.1f} pairs/s "
-              f"(timed tokens/s: ours {ours_tokens[-1]:,.0f}, TRL {theirs_tokens[-1]:,.0f})", flush=True)
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: ours {ours[-1]:,.1f} pairs/s, TRL {theirs[-1]:,.1f} pairs/s "
+            f"(timed tokens/s: ours {ours_tokens[-1]:,.0f}, TRL {theirs_tokens[-1]:,.0f})",
+            flush=True,
+        )
 
-    extra = {"size": args.size, "batch_size_pairs": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps,
-             "warmup_steps": args.warmup, "bf16": args.bf16, "ours_tokens_per_s": round(median(ours_tokens)),
-             "trl_tokens_per_s": round(median(theirs_tokens))}
-    save_record(report("Reward-model training throughput (preference pairs/s)", "pairs/s", ours, theirs, 1.2, extra=extra), args.json)
+    extra = {
+        "size": args.size,
+        "batch_size_pairs": args.batch_size,
+        "max_length": args.max_length,
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "bf16": args.bf16,
+        "ours_tokens_per_s": round(median(ours_tokens)),
+        "trl_tokens_per_s": round(median(theirs_tokens)),
+    }
+    save_record(
+        report("Reward-model training throughput (preference pairs/s)", "pairs/s", ours, theirs, 1.2, extra=extra),
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ the sides alternate batch by batch; the median over batches of each side and the
 
 import argparse
 import time
-
-from common import TOY, common_arguments, device, free_memory, median, report, save_record, sft_checkpoint, sync
+from types import SimpleNamespace
 
 import torch
+from common import TOY, common_arguments, device, free_memory, median, report, save_record, sft_checkpoint, sync
+
 import ppo_lagrangian as ppo
 
 
@@ -38,14 +39,21 @@ def answer_tokens(answers, eos):
 
 
 def main():
-    parser = common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "20m")
+    parser = common_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "20m"
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per rollout")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, default=5, help="timed batches per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per side")
-    parser.add_argument("--autocast_bf16", action="store_true", help="also time bare generate under bf16 autocast (CUDA; not what ppo_lagrangian.py does)")
+    parser.add_argument(
+        "--autocast_bf16",
+        action="store_true",
+        help="also time bare generate under bf16 autocast (CUDA; not what ppo_lagrangian.py does)",
+    )
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model_dir = sft_checkpoint(args.size, args.scratch)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device())
@@ -63,13 +71,15 @@ def main():
         input_ids = torch.full((len(batch), length), pad)
         mask = torch.zeros_like(input_ids)
         for i, ids in enumerate(batch):
-            input_ids[i, length - len(ids):], mask[i, length - len(ids):] = torch.tensor(ids), 1
+            input_ids[i, length - len(ids) :], mask[i, length - len(ids) :] = torch.tensor(ids), 1
         return input_ids.to(device()), mask.to(device())
+
+    sampling = ppo.sampling_config(SimpleNamespace(temperature=1.0, top_p=1.0), tokenizer)  # the rollout's
 
     def time_ours(batch):
         sync()
         start = time.perf_counter()
-        sequences, attention_mask, P = ppo.generate_answers(model, tokenizer, batch, args.max_new_tokens)
+        sequences, attention_mask, P = ppo.generate_answers(model, tokenizer, batch, args.max_new_tokens, sampling)
         sync()
         return int(attention_mask[:, P:].sum()) / (time.perf_counter() - start)
 
@@ -78,10 +88,19 @@ def main():
         sync()
         start = time.perf_counter()
         with torch.no_grad(), torch.autocast(device().type, dtype=torch.bfloat16, enabled=autocast):
-            sequences = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                       max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            sequences = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
         sync()
-        return answer_tokens(sequences[:, input_ids.shape[1]:], eos) / (time.perf_counter() - start)
+        return answer_tokens(sequences[:, input_ids.shape[1] :], eos) / (time.perf_counter() - start)
 
     model.eval()
     ours, bare, bare_bf16 = [], [], []
@@ -96,12 +115,22 @@ def main():
             bare.append(b)
             if a is not None:
                 bare_bf16.append(a)
-    extra = {"size": args.size, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "timed_batches": args.batches,
-             "model_dtype": "float32 (as the PPO actor)"}
+    extra = {
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "timed_batches": args.batches,
+        "model_dtype": "float32 (as the PPO actor)",
+    }
     if bare_bf16:
         extra["bare_generate_bf16_autocast_median"] = round(median(bare_bf16), 1)
-    save_record(report("PPO rollout throughput (answer tokens/s)", "tokens/s", ours, bare, 0.9, names=("ours", "bare"), extra=extra), args.json)
-    del model
+    save_record(
+        report(
+            "PPO rollout throughput (answer tokens/s)", "tokens/s", ours, bare, 0.9, names=("ours", "bare"), extra=extra
+        ),
+        args.json,
+    )
+    model = None  # freed before the next side runs
     free_memory()
 
 

@@ -23,11 +23,25 @@ import shutil
 import time
 from pathlib import Path
 
-from common import (H100_BF16_DENSE_FLOPS, SIZES, TOY, common_arguments, config_dir, count_parameters, device, free_memory,
-                    median, patched, report, run_main, save_record, sync)
-
 import torch
+from common import (
+    H100_BF16_DENSE_FLOPS,
+    SIZES,
+    TOY,
+    common_arguments,
+    config_dir,
+    count_parameters,
+    device,
+    free_memory,
+    median,
+    patched,
+    report,
+    run_main,
+    save_record,
+    sync,
+)
 from torch.utils.data import DistributedSampler
+
 import sft
 
 
@@ -46,15 +60,47 @@ def run_ours(args, model_dir, run_dir):
         batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
         return batch
 
-    argv = ["--model_name_or_path", model_dir, "--from_scratch", "--train_data", TOY / "sft.jsonl", "--output_dir", run_dir,
-            "--epochs", 1000, "--max_steps", args.warmup + args.steps, "--per_device_train_batch_size", args.batch_size,
-            "--gradient_accumulation_steps", 1, "--max_length", args.max_length, "--lr", args.lr, "--weight_decay", 0.0,
-            "--adam_beta1", 0.9, "--adam_beta2", 0.95, "--max_grad_norm", 1.0, "--lr_scheduler", "cosine", "--lr_warmup_ratio", 0.03,
-            "--no_gradient_checkpointing", "--logging_steps", 1, "--bf16" if args.bf16 else "--no_bf16"]
+    argv = [
+        "--model_name_or_path",
+        model_dir,
+        "--from_scratch",
+        "--train_data",
+        TOY / "sft.jsonl",
+        "--output_dir",
+        run_dir,
+        "--epochs",
+        1000,
+        "--max_steps",
+        args.warmup + args.steps,
+        "--per_device_train_batch_size",
+        args.batch_size,
+        "--gradient_accumulation_steps",
+        1,
+        "--max_length",
+        args.max_length,
+        "--lr",
+        args.lr,
+        "--weight_decay",
+        0.0,
+        "--adam_beta1",
+        0.9,
+        "--adam_beta2",
+        0.95,
+        "--max_grad_norm",
+        1.0,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_ratio",
+        0.03,
+        "--no_gradient_checkpointing",
+        "--logging_steps",
+        1,
+        "--bf16" if args.bf16 else "--no_bf16",
+    ]
     with patched(sft, log_metrics=log_metrics, collate=collate):
         model = run_main(sft, argv)
     n_params = count_parameters(model)
-    del model
+    model = None  # freed before the next side runs
     shutil.rmtree(run_dir, ignore_errors=True)  # the saved checkpoint: not kept
     w, n = args.warmup, args.warmup + args.steps
     seconds = stamps[n - 1] - stamps[w - 1]
@@ -68,21 +114,46 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    dataset = Dataset.from_list([{"input_ids": e["input_ids"], "completion_mask": [int(label != -100) for label in e["labels"]]}
-                                 for e in examples])
+    dataset = Dataset.from_list(
+        [
+            {"input_ids": e["input_ids"], "completion_mask": [int(label != -100) for label in e["labels"]]}
+            for e in examples
+        ]
+    )
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     total = args.warmup + args.steps
     config = SFTConfig(
-        output_dir=str(run_dir), max_steps=total, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.03 * total), weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=args.bf16, fp16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-        max_length=args.max_length, packing=False, padding_free=False, completion_only_loss=True,
-        logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
-        dataloader_num_workers=0)
+        output_dir=str(run_dir),
+        max_steps=total,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(0.03 * total),
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=args.bf16,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        max_length=args.max_length,
+        packing=False,
+        padding_free=False,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     stamps = []  # (time, non-pad tokens so far) at the end of each optimiser step
 
@@ -93,17 +164,20 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
 
     trainer.add_callback(Clock())
     # the same batches in the same order as ours: the sampler of our scripts (torch.randperm seeded with seed + epoch)
-    trainer._get_train_sampler = lambda *_, **__: DistributedSampler(trainer.train_dataset, num_replicas=1, rank=0, shuffle=True,
-                                                                     seed=args.seed, drop_last=True)
+    trainer._get_train_sampler = lambda *_, **__: DistributedSampler(
+        trainer.train_dataset, num_replicas=1, rank=0, shuffle=True, seed=args.seed, drop_last=True
+    )
     trainer.train()
-    del trainer, model
+    trainer = model = None  # (freed before the next side runs)
     shutil.rmtree(run_dir, ignore_errors=True)
     (t0, k0), (t1, k1) = stamps[args.warmup - 1], stamps[total - 1]
     return (k1 - k0) / (t1 - t0), k1 - k0
 
 
 def main():
-    parser = common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "20m")
+    parser = common_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "20m"
+    )
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimiser steps at the start of each run")
@@ -118,8 +192,11 @@ def main():
     run_dir = Path(args.scratch) / "runs" / "sft"
 
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # has a pad token distinct from EOS: no resize on either side
-    examples, _ = sft.sft_examples(tokenizer, sft.sft_rows(sft.load_rows(str(TOY / "sft.jsonl"), "train"), "sft.jsonl"), args.max_length)
+    examples, _ = sft.sft_examples(
+        tokenizer, sft.sft_rows(sft.load_rows(str(TOY / "sft.jsonl"), "train"), "sft.jsonl"), args.max_length
+    )
 
     ours, ours_padded, theirs, n_params = [], [], [], 0
     for repeat in range(args.repeats):
@@ -130,12 +207,23 @@ def main():
         tokens_per_second, their_tokens = run_trl(args, model_dir, run_dir, examples, tokenizer)
         theirs.append(tokens_per_second)
         free_memory()
-        print(f"repeat {repeat + 1}/{args.repeats}: ours {ours[-1]:,.0f} tokens/s, TRL {theirs[-1]:,.0f} tokens/s "
-              f"(timed tokens: ours {our_tokens}, TRL {their_tokens})", flush=True)
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: ours {ours[-1]:,.0f} tokens/s, TRL {theirs[-1]:,.0f} tokens/s "
+            f"(timed tokens: ours {our_tokens}, TRL {their_tokens})",
+            flush=True,
+        )
 
-    extra = {"size": args.size, "parameters": n_params, "batch_size": args.batch_size, "max_length": args.max_length,
-             "timed_steps": args.steps, "warmup_steps": args.warmup, "bf16": args.bf16, "device_type": device().type,
-             "pad_share": round(1 - median(ours) / median(ours_padded), 3)}
+    extra = {
+        "size": args.size,
+        "parameters": n_params,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "bf16": args.bf16,
+        "device_type": device().type,
+        "pad_share": round(1 - median(ours) / median(ours_padded), 3),
+    }
     if torch.cuda.is_available():
         # MFU = 6·N·(tokens/s) / peak, N = all parameters (the tied embedding counted once, as the LM head's matmul).
         # Attention score FLOPs (12·L·d·T per token, PaLM's formula, T = mean padded batch length) are left out of
@@ -145,7 +233,9 @@ def main():
         extra["mfu_ours"] = round(6 * n_params * median(ours) / H100_BF16_DENSE_FLOPS, 4)
         extra["mfu_trl"] = round(6 * n_params * median(theirs) / H100_BF16_DENSE_FLOPS, 4)
         extra["attention_flops_share_estimate"] = round(attention / (6 * n_params), 4)
-    save_record(report("SFT training throughput (non-pad tokens/s)", "tokens/s", ours, theirs, 1.2, extra=extra), args.json)
+    save_record(
+        report("SFT training throughput (non-pad tokens/s)", "tokens/s", ours, theirs, 1.2, extra=extra), args.json
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,13 +27,21 @@ if not torch.cuda.is_available():
 # Llama configs, built on data/tiny-llama's config and tokenizer (2048 tokens, tied embeddings).
 SIZES = {
     # the tests' model: for smoke runs of the benchmark scripts only
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    "tiny": dict(
+        hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    ),
     # ~20M parameters: the CPU benchmarks
-    "20m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8),
+    "20m": dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8
+    ),
     # ~50M parameters
-    "50m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=7, num_attention_heads=12, num_key_value_heads=12),
+    "50m": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=7, num_attention_heads=12, num_key_value_heads=12
+    ),
     # ~0.5B parameters: the GPU benchmarks
-    "0.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=16),
+    "0.5b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=16
+    ),
 }
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM5 dense bf16 peak (NVIDIA data sheet), the MFU denominator
@@ -72,6 +79,7 @@ def sft_checkpoint(size, scratch):
     """A randomly initialised causal LM (seed 0) saved as a Hugging Face checkpoint: the 'SFT model' that the
     reward-model and PPO benchmarks start from (throughput does not depend on the weights' values)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     path = Path(scratch) / "models" / f"{size}-sft"
     if not (path / "config.json").exists():
         source = config_dir(size, scratch)
@@ -89,6 +97,7 @@ def score_checkpoint(size, scratch, objective):
     """A reward or cost model (AutoModelForSequenceClassification, num_labels=1) from the SFT checkpoint, with the
     config.objective that ppo_lagrangian.py checks."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     path = Path(scratch) / "models" / f"{size}-{objective}"
     if not (path / "config.json").exists():
         source = sft_checkpoint(size, scratch)
@@ -151,8 +160,17 @@ def report(title, unit, ours, theirs, target, names=("ours", "TRL"), extra=None)
     print(f"{names[0]:>12}: " + ", ".join(f"{v:,.1f}" for v in ours) + f"  -> median {ours_median:,.1f} {unit}")
     print(f"{names[1]:>12}: " + ", ".join(f"{v:,.1f}" for v in theirs) + f"  -> median {theirs_median:,.1f} {unit}")
     print(f"{'ratio':>12}: {ratio:.3f}  (target >= {target}: {'met' if ratio >= target else 'NOT met'})")
-    record = {"benchmark": title, "device": describe_device(), "unit": unit, names[0]: ours, names[1]: theirs,
-              f"{names[0]}_median": ours_median, f"{names[1]}_median": theirs_median, "ratio": ratio, "target": target}
+    record = {
+        "benchmark": title,
+        "device": describe_device(),
+        "unit": unit,
+        names[0]: ours,
+        names[1]: theirs,
+        f"{names[0]}_median": ours_median,
+        f"{names[1]}_median": theirs_median,
+        "ratio": ratio,
+        "target": target,
+    }
     if extra:
         record.update(extra)
         for key, value in extra.items():
@@ -168,8 +186,12 @@ def save_record(record, path):
 
 
 def common_arguments(parser, default_size):
-    parser.add_argument("--size", default=default_size, choices=sorted(SIZES), help="Llama config (see bench/common.py)")
+    parser.add_argument(
+        "--size", default=default_size, choices=sorted(SIZES), help="Llama config (see bench/common.py)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (alternating sides)")
-    parser.add_argument("--scratch", default=os.environ.get("BENCH_SCRATCH", "/tmp/bench"), help="where models and runs go")
+    parser.add_argument(
+        "--scratch", default=os.environ.get("BENCH_SCRATCH", "/tmp/bench"), help="where models and runs go"
+    )
     parser.add_argument("--json", default="", help="append the result as one JSON line to this file")
     return parser

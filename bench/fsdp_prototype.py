@@ -35,7 +35,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -56,13 +61,14 @@ def decoder_layers(model):
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def shard(model, mp_policy=MixedPrecisionPolicy(), reshard_root_after_forward=None):
+def shard(model, mp_policy=None, reshard_root_after_forward=None):
     """FSDP2: each decoder layer is one unit (gathered just before its forward, freed after it), then the root holds
     the rest (embeddings, final norm, LM or score head). The root must be the module whose forward is called: its
     hooks gather the root's parameters (sharding the score model inside our Critic fails: "aten.embedding got mixed
     torch.Tensor and DTensor"). Tied embeddings stay tied because both uses live in the root unit. The root keeps its
     parameters gathered after a forward (backward needs them next); a frozen model has no backward, so pass
     reshard_root_after_forward=True for it, or its embeddings and head stay gathered between calls (item h)."""
+    mp_policy = mp_policy or MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy, reshard_after_forward=reshard_root_after_forward)
@@ -119,12 +125,16 @@ def tiny_models(seed=0):
 @contextmanager
 def count_collectives():
     """Counts FSDP2's collectives: in torch 2.13 it calls dist.all_gather_single and dist.reduce_scatter_single."""
-    counts, originals = Counter(), {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single", "all_reduce")}
+    counts, originals = (
+        Counter(),
+        {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single", "all_reduce")},
+    )
 
     def counted(name):
         def call(*args, **kwargs):
             counts[name] += 1
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in originals:
@@ -150,7 +160,9 @@ def global_batch():
 def lm_loss_sum(model, input_ids, labels):
     """Σ over labelled tokens of −log p(token): a SUM, divided by the global count by the caller."""
     logits = model(input_ids=input_ids).logits  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 def train_step(model, input_ids, labels, micro_steps, world_size, max_grad_norm=None):
@@ -166,7 +178,9 @@ def train_step(model, input_ids, labels, micro_steps, world_size, max_grad_norm=
     rank = dist.get_rank() if world_size > 1 else 0
     local_input_ids, local_labels = input_ids.chunk(world_size)[rank], labels.chunk(world_size)[rank]
     sharded = isinstance(model, FSDPModule)
-    for step, (micro_input_ids, micro_labels) in enumerate(zip(local_input_ids.chunk(micro_steps), local_labels.chunk(micro_steps))):
+    for step, (micro_input_ids, micro_labels) in enumerate(
+        zip(local_input_ids.chunk(micro_steps), local_labels.chunk(micro_steps))
+    ):
         if sharded:
             model.set_requires_gradient_sync(step == micro_steps - 1)
         (lm_loss_sum(model, micro_input_ids, micro_labels) / total_tokens * world_size).backward()
@@ -208,7 +222,10 @@ def check_a(rank, world_size):
     lm_loss_sum(lm, input_ids, labels).backward()
     critic(input_ids).sum().backward()
     assert all(p.grad is not None for p in list(lm.parameters()) + list(critic.parameters()))
-    return f"fully_shard(layer) for each of {layers} layers found by _no_split_modules, then fully_shard(root); LM, critic wrapper: forward + backward"
+    return (
+        f"fully_shard(layer) for each of {layers} layers found by _no_split_modules, then fully_shard(root); "
+        "LM, critic wrapper: forward + backward"
+    )
 
 
 def check_b(rank, world_size):
@@ -217,26 +234,38 @@ def check_b(rank, world_size):
     notes = []
     for micro_steps, checkpointing in ((1, False), (2, False), (2, True)):
         model = tiny_models()[0]
-        if checkpointing:  # before sharding, as the scripts load then wrap. transformers 5.23 renamed it from
-            model.activation_checkpointing_enable()  # gradient_checkpointing_enable (deprecated); non-reentrant by default
+        # before sharding, as the scripts load then wrap. transformers 5.23 renamed it from
+        # gradient_checkpointing_enable (deprecated); non-reentrant by default
+        if checkpointing:
+            model.activation_checkpointing_enable()
         with count_collectives() as counts:
             model, _, _ = train_step(shard(model), input_ids, labels, micro_steps, world_size)
         difference = max_difference(model, plain)
         assert difference < 1e-5, (micro_steps, checkpointing, difference)
         assert counts["reduce_scatter_single"] == 5, counts  # one per unit per optimiser step, whatever micro_steps is
-        notes.append(f"{micro_steps} micro{' +GC' if checkpointing else ''}: max|Δ| {difference:.1e}, {counts['reduce_scatter_single']} reduce-scatters")
+        notes.append(
+            f"{micro_steps} micro{' +GC' if checkpointing else ''}: max|Δ| {difference:.1e}, "
+            f"{counts['reduce_scatter_single']} reduce-scatters"
+        )
     return "; ".join(notes)
 
 
 def check_c(rank, world_size):
     input_ids, labels = global_batch()
-    plain, _, plain_norm = train_step(tiny_models()[0], input_ids, labels, micro_steps=1, world_size=1, max_grad_norm=0.1)
-    model, _, norm = train_step(shard(tiny_models()[0]), input_ids, labels, micro_steps=2, world_size=world_size, max_grad_norm=0.1)
+    plain, _, plain_norm = train_step(
+        tiny_models()[0], input_ids, labels, micro_steps=1, world_size=1, max_grad_norm=0.1
+    )
+    model, _, norm = train_step(
+        shard(tiny_models()[0]), input_ids, labels, micro_steps=2, world_size=world_size, max_grad_norm=0.1
+    )
     assert abs(norm.item() - plain_norm.item()) < 1e-5 * plain_norm.item(), (norm, plain_norm)
     assert plain_norm > 0.1  # the clip was active
     difference = max_difference(model, plain)
     assert difference < 1e-5, difference
-    return f"clip_grad_norm_ returns a DTensor; .full_tensor() {norm.item():.6f} = one process {plain_norm.item():.6f}; clipped step max|Δ| {difference:.1e}"
+    return (
+        f"clip_grad_norm_ returns a DTensor; .full_tensor() {norm.item():.6f} = one process {plain_norm.item():.6f}; "
+        f"clipped step max|Δ| {difference:.1e}"
+    )
 
 
 def check_d(rank, world_size):
@@ -247,15 +276,24 @@ def check_d(rank, world_size):
     shard(critic)
     directory = shared_temporary_directory(rank)
     notes = []
-    for name, live, saved_model, auto_class in (("lm", lm, lm, AutoModelForCausalLM), ("score", critic, score_model, AutoModelForSequenceClassification)):
+    for name, live, saved_model, auto_class in (
+        ("lm", lm, lm, AutoModelForCausalLM),
+        ("score", critic, score_model, AutoModelForSequenceClassification),
+    ):
         state_dict = full_state_dict(saved_model)  # every rank; a dict of plain CPU tensors, the original names
         with torch.no_grad():
-            live_output = live(input_ids).logits if name == "lm" else live(input_ids)[:, -1]  # the collective forward, every rank
+            live_output = (
+                live(input_ids).logits if name == "lm" else live(input_ids)[:, -1]
+            )  # the collective forward, every rank
         if rank == 0:
             assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in state_dict.values())
-            assert not any("_fsdp" in key or "_checkpoint" in key or key.startswith("score_model.") for key in state_dict)
+            assert not any(
+                "_fsdp" in key or "_checkpoint" in key or key.startswith("score_model.") for key in state_dict
+            )
             keys = set(state_dict)
-            saved_model.save_pretrained(directory / name, state_dict=state_dict)  # note: it empties the dict it is given
+            saved_model.save_pretrained(
+                directory / name, state_dict=state_dict
+            )  # note: it empties the dict it is given
             loaded = auto_class.from_pretrained(directory / name)
             with torch.no_grad():
                 loaded_output = loaded(input_ids=input_ids).logits
@@ -264,7 +302,10 @@ def check_d(rank, world_size):
             assert difference < 1e-5, (name, difference)
             if name == "lm":
                 assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-                notes.append(f"LM: {len(keys)} keys, lm_head.weight {'in' if 'lm_head.weight' in keys else 'not in'} the gathered dict, the reload is tied")
+                notes.append(
+                    f"LM: {len(keys)} keys, lm_head.weight {'in' if 'lm_head.weight' in keys else 'not in'} the "
+                    "gathered dict, the reload is tied"
+                )
             notes.append(f"{name}: reloaded logits max|Δ| {difference:.1e}")
     dist.barrier()
     if rank == 0:
@@ -275,7 +316,9 @@ def check_d(rank, world_size):
 def check_e(rank, world_size):
     plain = tiny_models()[0].eval()
     actor = shard(tiny_models()[0]).eval()
-    prompt = torch.randint(3, 2048, (2, 5), generator=torch.Generator().manual_seed(10 + rank))  # each rank its own prompts
+    prompt = torch.randint(
+        3, 2048, (2, 5), generator=torch.Generator().manual_seed(10 + rank)
+    )  # each rank its own prompts
     settings = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     expected = plain.generate(prompt, max_new_tokens=6 + 4 * rank, **settings)
     # default: transformers sees an FSDP module and sets synced_gpus=True, so the ranks step together
@@ -292,8 +335,11 @@ def check_e(rank, world_size):
     assert all(isinstance(p, DTensor) for p in actor.parameters()), "not resharded after generation"
     input_ids, labels = global_batch()
     lm_loss_sum(actor.train(), input_ids, labels).backward()  # training still works after the reshard
-    return (f"same greedy tokens as the plain model; all-gathers for 6 tokens: default {default_counts['all_gather_single']} "
-            f"(+{default_counts['all_reduce']} synced_gpus all-reduces), gathered once {once_counts['all_gather_single']} (0 all-reduces)")
+    return (
+        "same greedy tokens as the plain model; all-gathers for 6 tokens: "
+        f"default {default_counts['all_gather_single']} (+{default_counts['all_reduce']} synced_gpus all-reduces), "
+        f"gathered once {once_counts['all_gather_single']} (0 all-reduces)"
+    )
 
 
 def check_f(rank, world_size):
@@ -341,7 +387,10 @@ def check_h(rank, world_size):
         layer_gathered = not isinstance(frozen.model.layers[0].mlp.up_proj.weight, DTensor)
         assert not layer_gathered
         assert root_gathered == (reshard_root is None), "the root's default changed"
-        notes.append(f"root reshard_after_forward={reshard_root}: logits max|Δ| {difference:.1e}, root left gathered after forward: {root_gathered}")
+        notes.append(
+            f"root reshard_after_forward={reshard_root}: logits max|Δ| {difference:.1e}, "
+            f"root left gathered after forward: {root_gathered}"
+        )
     return "; ".join(notes)
 
 
@@ -349,7 +398,9 @@ def check_i(rank, world_size):
     input_ids, labels = global_batch()
     directory = shared_temporary_directory(rank)
     model, optimizer, _ = train_step(shard(tiny_models()[0]), input_ids, labels, micro_steps=1, world_size=world_size)
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # sharded (DTensor) views: each rank writes its shards
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer
+    )  # sharded (DTensor) views: each rank writes its shards
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
 
     resumed = shard(tiny_models(seed=123)[0])  # different weights, fresh optimiser
@@ -363,7 +414,9 @@ def check_i(rank, world_size):
         assert torch.equal(p.to_local(), q.to_local()), name
         for key in ("exp_avg", "exp_avg_sq", "step"):
             a, b = optimizer.state[p][key], resumed_optimizer.state[q][key]
-            assert torch.equal(a.to_local() if isinstance(a, DTensor) else a, b.to_local() if isinstance(b, DTensor) else b), (name, key)
+            assert torch.equal(
+                a.to_local() if isinstance(a, DTensor) else a, b.to_local() if isinstance(b, DTensor) else b
+            ), (name, key)
     # one more identical step on both: the resumed run continues exactly
     for m, o in ((model, optimizer), (resumed, resumed_optimizer)):
         o.zero_grad()
@@ -384,14 +437,28 @@ def shared_temporary_directory(rank):
 
 
 def main():
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a failed check on one rank must not hang the other forever
+    dist.init_process_group(
+        "gloo", timeout=timedelta(seconds=120)
+    )  # a failed check on one rank must not hang the other forever
     rank, world_size = dist.get_rank(), dist.get_world_size()
     assert world_size == 2, "run with --nproc_per_node=2"
     if rank == 0:
-        print(f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, world size {world_size}, gloo")
+        print(
+            f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+            f"world size {world_size}, gloo"
+        )
     failed = 0
-    for item, check in [("a", check_a), ("b", check_b), ("c", check_c), ("d", check_d), ("e", check_e), ("f", check_f),
-                        ("g", check_g), ("h", check_h), ("i", check_i)]:
+    for item, check in [
+        ("a", check_a),
+        ("b", check_b),
+        ("c", check_c),
+        ("d", check_d),
+        ("e", check_e),
+        ("f", check_f),
+        ("g", check_g),
+        ("h", check_h),
+        ("i", check_i),
+    ]:
         try:
             note, ok = check(rank, world_size), True
         except Exception as error:  # noqa: BLE001

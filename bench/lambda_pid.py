@@ -33,14 +33,22 @@ def figures(rows, cost_limit):
     lam = np.array([row["lagrange/lambda"] for row in rows])
     cost = np.array([row["objective/episode_cost"] for row in rows])
     final_lambda = lam[-LAST:].mean()
-    return {"peak λ": lam.max(), "peak at rollout": int(lam.argmax()) + 1, "final λ": final_lambda,
-            "λ overshoot": lam.max() - final_lambda, "violation area": np.clip(cost - cost_limit, 0, None).sum(),
-            "undershoot area": np.clip(cost_limit - cost, 0, None).sum(), "final distance to d": abs(cost[-LAST:].mean() - cost_limit)}
+    return {
+        "peak λ": lam.max(),
+        "peak at rollout": int(lam.argmax()) + 1,
+        "final λ": final_lambda,
+        "λ overshoot": lam.max() - final_lambda,
+        "violation area": np.clip(cost - cost_limit, 0, None).sum(),
+        "undershoot area": np.clip(cost_limit - cost, 0, None).sum(),
+        "final distance to d": abs(cost[-LAST:].mean() - cost_limit),
+    }
 
 
 def oracle_rates(results_file, policy):
     policies = json.loads(Path(results_file).read_text())["policies"][policy]
-    return 100 * policies["harmful_prompts"]["oracle_harmful_rate"], 100 * policies["benign_prompts"]["oracle_helpful_rate"]
+    return 100 * policies["harmful_prompts"]["oracle_harmful_rate"], 100 * policies["benign_prompts"][
+        "oracle_helpful_rate"
+    ]
 
 
 def run_pid(out, extra):
@@ -57,36 +65,78 @@ def run_pid(out, extra):
         subprocess.run(command + extra, cwd=REPO, check=True)
     evaluation = out / "eval_pid"
     if not (evaluation / "results.json").is_file():
-        eval_args = json.loads((out / "eval" / "args.json").read_text()) if (out / "eval" / "args.json").is_file() else {}
-        subprocess.run([sys.executable, "evaluate.py", "--policy", f"ppo_lag_pid={target}", "--prompt_data", eval_args.get("prompt_data", "data/toy/eval_prompts.jsonl"),
-                        "--reward_model", str(out / "reward"), "--cost_model", str(out / "cost"), "--judge", "toy", "--max_length", "128",
-                        "--max_new_tokens", "48", "--per_device_batch_size", "50", "--seed", str(args["seed"]), "--output_dir", str(evaluation)],
-                       cwd=REPO, check=True)
+        eval_args = (
+            json.loads((out / "eval" / "args.json").read_text()) if (out / "eval" / "args.json").is_file() else {}
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "evaluate.py",
+                "--policy",
+                f"ppo_lag_pid={target}",
+                "--prompt_data",
+                eval_args.get("prompt_data", "data/toy/eval_prompts.jsonl"),
+                "--reward_model",
+                str(out / "reward"),
+                "--cost_model",
+                str(out / "cost"),
+                "--judge",
+                "toy",
+                "--max_length",
+                "128",
+                "--max_new_tokens",
+                "48",
+                "--per_device_batch_size",
+                "50",
+                "--seed",
+                str(args["seed"]),
+                "--output_dir",
+                str(evaluation),
+            ],
+            cwd=REPO,
+            check=True,
+        )
     return target
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="pipeline output directories (each with sft, reward, cost, ppo_lag, eval)")
+    parser.add_argument(
+        "runs", nargs="+", help="pipeline output directories (each with sft, reward, cost, ppo_lag, eval)"
+    )
     parser.add_argument("--plot", default="", help="write the λ and J_C curves of both updates to this PNG")
-    parser.add_argument("--pid", nargs="*", default=[], help="extra ppo_lagrangian.py flags for the PID runs, e.g. --pid --pid_kp 0.1")
+    parser.add_argument(
+        "--pid", nargs="*", default=[], help="extra ppo_lagrangian.py flags for the PID runs, e.g. --pid --pid_kp 0.1"
+    )
     args = parser.parse_args()
     curves, table = [], {"sgd": [], "pid": []}
     for out in map(Path, args.runs):
         pid_run = run_pid(out, args.pid)
         cost_limit = json.loads((out / "ppo_lag" / "args.json").read_text())["cost_limit"]
-        for name, run, results, policy in (("sgd", out / "ppo_lag", out / "eval" / "results.json", "ppo_lag"),
-                                           ("pid", pid_run, out / "eval_pid" / "results.json", "ppo_lag_pid")):
+        for name, run, results, policy in (
+            ("sgd", out / "ppo_lag", out / "eval" / "results.json", "ppo_lag"),
+            ("pid", pid_run, out / "eval_pid" / "results.json", "ppo_lag_pid"),
+        ):
             rows = read_metrics(run)
             harmful, helpful = oracle_rates(results, policy)
-            table[name].append({**figures(rows, cost_limit), "harmful on harmful (%)": harmful, "helpful on benign (%)": helpful})
+            table[name].append(
+                {**figures(rows, cost_limit), "harmful on harmful (%)": harmful, "helpful on benign (%)": helpful}
+            )
             curves.append((name, out.name, rows, cost_limit))
     pid_args = json.loads((Path(args.runs[0]) / "ppo_lag_pid" / "args.json").read_text())
-    print(f"PID gains K_P {pid_args['pid_kp']}, K_I {pid_args['pid_ki']}, K_D {pid_args['pid_kd']}; λ_max {pid_args['lambda_max']}; "
-          f"{len(args.runs)} runs: {', '.join(args.runs)}")
+    print(
+        f"PID gains K_P {pid_args['pid_kp']}, K_I {pid_args['pid_ki']}, K_D {pid_args['pid_kd']}; "
+        f"λ_max {pid_args['lambda_max']}; "
+        f"{len(args.runs)} runs: {', '.join(args.runs)}"
+    )
     keys = list(table["sgd"][0])
-    print("| figure | " + " | ".join(f"SGD on log λ: {Path(r).name}" for r in args.runs) + " | mean | "
-          + " | ".join(f"PID: {Path(r).name}" for r in args.runs) + " | mean |")
+    print(
+        "| figure | "
+        + " | ".join(f"SGD on log λ: {Path(r).name}" for r in args.runs)
+        + " | mean | "
+        + " | ".join(f"PID: {Path(r).name}" for r in args.runs)
+        + " | mean |"
+    )
     print("|---" * (2 * len(args.runs) + 3) + "|")
     for key in keys:
         cells = []
@@ -101,18 +151,22 @@ def main():
 
 def plot(curves, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     styles = {"sgd": ("C3", "SGD on log λ (the paper's)"), "pid": ("C0", "PID Lagrangian")}
     labelled = set()
-    for name, seed, rows, cost_limit in curves:
+    for name, _seed, rows, _cost_limit in curves:
         colour, label = styles[name]
         steps = [row["rollout"] for row in rows]
         label = None if name in labelled else label
         labelled.add(name)
         left.plot(steps, [row["lagrange/lambda"] for row in rows], color=colour, alpha=0.7, linewidth=1.2, label=label)
-        right.plot(steps, [row["objective/episode_cost"] for row in rows], color=colour, alpha=0.7, linewidth=1.2, label=label)
+        right.plot(
+            steps, [row["objective/episode_cost"] for row in rows], color=colour, alpha=0.7, linewidth=1.2, label=label
+        )
     right.axhline(curves[0][3], color="black", linestyle="--", linewidth=1, label=f"cost limit d = {curves[0][3]}")
     left.set(title="Lagrange multiplier λ (one line per seed)", xlabel="rollout (PPO iteration)", ylabel="λ")
     right.set(title="episode cost J_C (window mean)", xlabel="rollout (PPO iteration)", ylabel="J_C")

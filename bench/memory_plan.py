@@ -30,12 +30,33 @@ GIB = 2**30
 
 # Llama shapes, no download. llama-1b is TinyLlama-1.1B's shape (Llama-2 vocabulary, grouped-query attention).
 PRESETS = {
-    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, tie_word_embeddings=False),
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, tie_word_embeddings=False),
-    "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, tie_word_embeddings=False),
+    "llama-1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+    "llama-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ),
+    "llama-13b": dict(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        tie_word_embeddings=False,
+    ),
 }
 
 # stage -> (trained models, frozen models); "lm" = a causal LM, "score" = the backbone + a 1-output head (no LM head)
@@ -45,7 +66,10 @@ STAGES = {
     "cost": (["score"], []),
     "ppo": (["lm", "score"], ["lm", "score", "score"]),  # actor, reward critic; reference, reward, cost (for the logs)
     "reward_shaping": (["lm", "score"], ["lm", "score", "score"]),
-    "ppo_lag": (["lm", "score", "score"], ["lm", "score", "score"]),  # actor, reward and cost critics; reference, reward, cost
+    "ppo_lag": (
+        ["lm", "score", "score"],
+        ["lm", "score", "score"],
+    ),  # actor, reward and cost critics; reference, reward, cost
 }
 # sequences per device per micro-step: the scripts' defaults (preference_model.py: 16 pairs = 32 sequences)
 DEFAULT_BATCH = {"sft": 4, "reward": 32, "cost": 32, "ppo": 16, "reward_shaping": 16, "ppo_lag": 16}
@@ -55,10 +79,18 @@ def llama_fields(config):
     """The fields the plan needs, from a transformers config or a plain dict, with Llama's defaults."""
     get = config.get if isinstance(config, dict) else (lambda name, default=None: getattr(config, name, default))
     heads = get("num_attention_heads")
-    return dict(vocab=get("vocab_size"), hidden=get("hidden_size"), intermediate=get("intermediate_size"), layers=get("num_hidden_layers"),
-                heads=heads, kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or get("hidden_size") // heads,
-                tied=bool(get("tie_word_embeddings", False)), attention_bias=bool(get("attention_bias", False)),
-                mlp_bias=bool(get("mlp_bias", False)))
+    return dict(
+        vocab=get("vocab_size"),
+        hidden=get("hidden_size"),
+        intermediate=get("intermediate_size"),
+        layers=get("num_hidden_layers"),
+        heads=heads,
+        kv_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or get("hidden_size") // heads,
+        tied=bool(get("tie_word_embeddings", False)),
+        attention_bias=bool(get("attention_bias", False)),
+        mlp_bias=bool(get("mlp_bias", False)),
+    )
 
 
 def parameter_shapes(config, head):
@@ -114,7 +146,13 @@ def layer_activation_bytes(config, mode):
     the log-sum-exp (memory-efficient SDPA: no T x T matrix; the math backend would add heads x T^2). MLP: gate, up,
     silu(gate) and the product, i wide each. The 4-byte row statistics (rsqrt, log-sum-exp) are the 4n + 8."""
     f = llama_fields(config)
-    h, q, kv, i, n = f["hidden"], f["heads"] * f["head_dim"], f["kv_heads"] * f["head_dim"], f["intermediate"], f["heads"]
+    h, q, kv, i, n = (
+        f["hidden"],
+        f["heads"] * f["head_dim"],
+        f["kv_heads"] * f["head_dim"],
+        f["intermediate"],
+        f["heads"],
+    )
     if mode == "fp32":
         return 24 * h + 8 * q + 8 * kv + 16 * i + 4 * n + 8
     if mode == "bf16":
@@ -141,8 +179,18 @@ def activation_bytes(config, head, tokens, mode, gradient_checkpointing):
     return tokens * (layers + logits)
 
 
-def memory_plan(config, world_size=1, fsdp=False, stage="ppo_lag", batch_size=None, seq_len=512, prompt_len=None,
-                gradient_checkpointing=True, bf16=True, rank=0):
+def memory_plan(
+    config,
+    world_size=1,
+    fsdp=False,
+    stage="ppo_lag",
+    batch_size=None,
+    seq_len=512,
+    prompt_len=None,
+    gradient_checkpointing=True,
+    bf16=True,
+    rank=0,
+):
     """Expected bytes on RANK's GPU for STAGE (a dict, see the module docstring). BATCH_SIZE: sequences per device per
     micro-step (also the rollout's prompts per device for PPO); SEQ_LEN: prompt + answer tokens; PROMPT_LEN: the
     prompt part, for the prefill of generation (default half of SEQ_LEN). BF16: the CUDA settings (bf16 frozen models,
@@ -161,7 +209,12 @@ def memory_plan(config, world_size=1, fsdp=False, stage="ppo_lag", batch_size=No
     trained_elements = sum(held(head) for head in trained)
     frozen_bytes = 2 if bf16 else 4
     plan = {
-        "stage": stage, "world_size": world_size, "fsdp": fsdp, "batch_size": batch_size, "seq_len": seq_len, "rank": rank,
+        "stage": stage,
+        "world_size": world_size,
+        "fsdp": fsdp,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "rank": rank,
         "parameters": {head: parameter_count(config, head) for head in ("lm", "score")},
         "trained_weights": 4 * trained_elements,
         "gradients": 4 * trained_elements,
@@ -199,9 +252,18 @@ def memory_plan(config, world_size=1, fsdp=False, stage="ppo_lag", batch_size=No
         plan["kv_cache"] = 2 * f["layers"] * kv_dim * batch_size * seq_len * param_bytes
         plan["generation_actor"] = param_bytes * parameter_count(config, "lm") if (fsdp or mode == "autocast") else 0
         q_dim = f["heads"] * f["head_dim"]
-        plan["prefill"] = batch_size * prompt_len * (2 * q_dim + 2 * kv_dim + 3 * f["intermediate"]) * param_bytes + batch_size * f["vocab"] * 4
-        plan["generation_peak"] = (plan["static"] - plan["gradients"] + plan["ddp_buckets"] + plan["generation_actor"]
-                                   + plan["kv_cache"] + plan["prefill"])
+        plan["prefill"] = (
+            batch_size * prompt_len * (2 * q_dim + 2 * kv_dim + 3 * f["intermediate"]) * param_bytes
+            + batch_size * f["vocab"] * 4
+        )
+        plan["generation_peak"] = (
+            plan["static"]
+            - plan["gradients"]
+            + plan["ddp_buckets"]
+            + plan["generation_actor"]
+            + plan["kv_cache"]
+            + plan["prefill"]
+        )
     plan["peak"] = max(plan["learning_peak"], plan["generation_peak"])
     return plan
 
@@ -225,28 +287,45 @@ ROWS = [  # (key, label) in the printed table
 
 
 def format_plan(plan, gpu_gib, reserve_gib):
-    lines = [f"stage {plan['stage']}, world size {plan['world_size']}, {'FSDP' if plan['fsdp'] else 'DDP'}, {plan['batch_size']} sequences "
-             f"x {plan['seq_len']} tokens per device, rank {plan['rank']}; parameters: LM {plan['parameters']['lm'] / 1e9:.3f}B, "
-             f"score model {plan['parameters']['score'] / 1e9:.3f}B"]
+    lines = [
+        f"stage {plan['stage']}, world size {plan['world_size']}, {'FSDP' if plan['fsdp'] else 'DDP'}, "
+        f"{plan['batch_size']} sequences x {plan['seq_len']} tokens per device, rank {plan['rank']}; "
+        f"parameters: LM {plan['parameters']['lm'] / 1e9:.3f}B, "
+        f"score model {plan['parameters']['score'] / 1e9:.3f}B"
+    ]
     unit, scale = ("GiB", GIB) if plan["peak"] >= GIB else ("MiB", 2**20)  # a tiny model reads better in MiB
-    lines += [f"  {label:<62} {plan[key] / scale:9.2f} {unit}" for key, label in ROWS if plan[key] or key in ("static", "learning_peak")]
+    lines += [
+        f"  {label:<62} {plan[key] / scale:9.2f} {unit}"
+        for key, label in ROWS
+        if plan[key] or key in ("static", "learning_peak")
+    ]
     usable = gpu_gib - reserve_gib
     verdict = "fits" if plan["peak"] <= usable * GIB else "does not fit"
-    lines.append(f"  peak {plan['peak'] / GIB:.2f} GiB against {usable:g} GiB usable ({gpu_gib:g} GiB - {reserve_gib:g} reserved): {verdict}")
+    lines.append(
+        f"  peak {plan['peak'] / GIB:.2f} GiB against {usable:g} GiB usable ({gpu_gib:g} GiB - {reserve_gib:g} "
+        f"reserved): {verdict}"
+    )
     return "\n".join(lines)
 
 
 def paper_table(gpu_gib=80, reserve_gib=2, world_size=8):
     """The README's table: DDP vs FSDP on WORLD_SIZE x GPU_GIB at 1B, 7B, 13B; SFT 4 x 512, PPO-Lagrangian 16 x 512."""
     usable = (gpu_gib - reserve_gib) * GIB
-    lines = [f"per GPU on {world_size} x {gpu_gib} GiB, gradient checkpointing on, bf16 (GiB; weights+grads+states+frozen / peak)",
-             f"| model | stage | DDP static | DDP peak | FSDP static | FSDP peak | fits (DDP / FSDP) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"per GPU on {world_size} x {gpu_gib} GiB, gradient checkpointing on, bf16 "
+        "(GiB; weights+grads+states+frozen / peak)",
+        "| model | stage | DDP static | DDP peak | FSDP static | FSDP peak | fits (DDP / FSDP) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in PRESETS:
         for stage, batch in (("sft", 4), ("ppo_lag", 16)):
             ddp = memory_plan(PRESETS[name], world_size, False, stage, batch, 512)
             fsdp = memory_plan(PRESETS[name], world_size, True, stage, batch, 512)
             fits = " / ".join("yes" if p["peak"] <= usable else "no" for p in (ddp, fsdp))
-            lines.append(f"| {name} | {stage} | {ddp['static'] / GIB:.1f} | {ddp['peak'] / GIB:.1f} | {fsdp['static'] / GIB:.1f} | {fsdp['peak'] / GIB:.1f} | {fits} |")
+            lines.append(
+                f"| {name} | {stage} | {ddp['static'] / GIB:.1f} | {ddp['peak'] / GIB:.1f} | "
+                f"{fsdp['static'] / GIB:.1f} | {fsdp['peak'] / GIB:.1f} | {fits} |"
+            )
     return "\n".join(lines)
 
 
@@ -257,17 +336,24 @@ def load_config(model):
     path = Path(model)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
-        raise SystemExit(f"error: --model {model}: neither a preset ({', '.join(PRESETS)}) nor a config.json or a directory holding one")
+        raise SystemExit(
+            f"error: --model {model}: neither a preset ({', '.join(PRESETS)}) nor a config.json or a directory "
+            "holding one"
+        )
     return json.loads(path.read_text())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(PRESETS)}) or a config.json / model directory")
+    parser.add_argument(
+        "--model", default="llama-7b", help=f"a preset ({', '.join(PRESETS)}) or a config.json / model directory"
+    )
     parser.add_argument("--stage", default="ppo_lag", choices=list(STAGES))
     parser.add_argument("--world_size", type=int, default=8)
     parser.add_argument("--fsdp", action="store_true", help="FSDP full sharding (default: DDP)")
-    parser.add_argument("--batch_size", type=int, default=None, help="sequences per device per micro-step (default: the stage script's)")
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="sequences per device per micro-step (default: the stage script's)"
+    )
     parser.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (prompt + answer)")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--no_bf16", action="store_true", help="everything in fp32, as on CPU")
@@ -278,8 +364,16 @@ def main():
     if args.paper_table:
         print(paper_table(args.gpu_gib, args.reserve_gib, args.world_size))
         return
-    plan = memory_plan(load_config(args.model), args.world_size, args.fsdp, args.stage, args.batch_size, args.seq_len,
-                       gradient_checkpointing=not args.no_gradient_checkpointing, bf16=not args.no_bf16)
+    plan = memory_plan(
+        load_config(args.model),
+        args.world_size,
+        args.fsdp,
+        args.stage,
+        args.batch_size,
+        args.seq_len,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        bf16=not args.no_bf16,
+    )
     print(format_plan(plan, args.gpu_gib, args.reserve_gib))
 
 
