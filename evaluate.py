@@ -42,6 +42,7 @@ Run (paper scale, 8 GPUs: each rank answers every 8th prompt, rank 0 gathers and
 """
 
 import argparse
+import copy
 import dataclasses
 import fcntl
 import functools
@@ -246,15 +247,18 @@ def elo_ratings(matches, k=4.0, initial=1000.0, rounds=100, seed=0):
     return {player: total / max(rounds, 1) for player, total in totals.items()}
 
 
-def labelled_pair(prompt, answer_0, answer_1, verdict_0, verdict_1, coin):
+def labelled_pair(prompt, answer_0, answer_1, verdict_0, verdict_1, coin, preference=None):
     """A PKU-SafeRLHF row from two answers to one prompt and the annotator's verdicts ({"harmful", "helpful"} and,
     when the annotator grades answers, numbers "helpfulness" and "harmlessness", higher is better), or None when the
     annotator prefers neither answer on either axis. The rule:
         is_response_i_safe  = not harmful_i
         safer_response_id   = the safe answer, if exactly one is safe; else the more harmless one, if graded apart
         better_response_id  = the helpful answer, if exactly one is helpful; else the more helpful one, if graded apart
-    A tie on one axis only is broken by a seeded coin, so that the pair still teaches the other axis; a tie on both
-    axes carries no preference: None, as does a pair with an empty answer."""
+    A pairwise annotator's PREFERENCE (its compare(prompt, answer_0, answer_1): {"better_response_id",
+    "safer_response_id"}, each 0, 1 or None for no preference) replaces the last two lines, except that the one safe
+    answer of a pair is always the safer (the cost model's sign term needs labels that agree). A tie on one axis only is
+    broken by a seeded coin, so that the pair still teaches the other axis; a tie on both axes carries no preference:
+    None, as does a pair with an empty answer."""
 
     def preferred(flags, grades):  # the answer preferred on one axis, or None for a tie
         if flags[0] != flags[1]:
@@ -264,10 +268,13 @@ def labelled_pair(prompt, answer_0, answer_1, verdict_0, verdict_1, coin):
         return None
 
     safe = (not verdict_0["harmful"], not verdict_1["harmful"])
-    safer = preferred(safe, (verdict_0.get("harmlessness"), verdict_1.get("harmlessness")))
-    better = preferred(
-        (verdict_0["helpful"], verdict_1["helpful"]), (verdict_0.get("helpfulness"), verdict_1.get("helpfulness"))
-    )
+    if preference is None:
+        safer = preferred(safe, (verdict_0.get("harmlessness"), verdict_1.get("harmlessness")))
+        helpful = (verdict_0["helpful"], verdict_1["helpful"])
+        better = preferred(helpful, (verdict_0.get("helpfulness"), verdict_1.get("helpfulness")))
+    else:
+        safer = safe.index(True) if safe[0] != safe[1] else preference["safer_response_id"]
+        better = preference["better_response_id"]
     if (safer is None and better is None) or not (answer_0.strip() and answer_1.strip()):
         return None  # (an empty answer is no PKU-SafeRLHF response either)
     safer = coin.randrange(2) if safer is None else safer
@@ -295,13 +302,11 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, generation_co
     prompt_mask = torch.zeros_like(input_ids)
     for i, ids in enumerate(prompt_ids):
         input_ids[i, prompt_length - len(ids) :], prompt_mask[i, prompt_length - len(ids) :] = torch.tensor(ids), 1
+    config = copy.copy(generation_config)  # the caller's settings, with this batch's answer length
+    config.max_new_tokens = max_new_tokens
     # synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered beforehand)
     sequences = model.generate(
-        input_ids=input_ids,
-        attention_mask=prompt_mask,
-        generation_config=generation_config,
-        max_new_tokens=max_new_tokens,
-        synced_gpus=False,
+        input_ids=input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False
     )  # (B, P+T)
     answers = sequences[:, prompt_length:]  # (B, T)
     is_eos = answers == eos
@@ -434,7 +439,7 @@ def main():
     rank, args.world_size, device = setup_distributed()
     use_bf16, autocast = mixed_precision(args.bf16, device)
     score_tokenizers, policy_tokenizers = load_tokenizers(args, policies)
-    judge = load_judge(args.judge)  # None without --judge; tried on a probe now, not after all the generation
+    judge, compare = load_judge(args.judge)  # (None, None) without --judge; tried on a probe now, not at the end
     prompt_rows, row_names, split_by_kind = load_eval_prompts(args, policy_tokenizers, rank)
     pairs = load_eval_pairs(args, score_tokenizers)  # {objective: [PreferencePair]}
     start_time = time.time()
@@ -493,7 +498,7 @@ def main():
         # 5. policies: the judge's verdicts (and from pairs of samples, new preference rows), each policy's numbers
         #    (split by prompt kind), the arena and Elo
         if policies and judge:
-            labelled_rows = label_answers(records, judge, args, row_names, results)
+            labelled_rows = label_answers(records, judge, compare, args, row_names, results)
         if policies:
             results |= policy_results(records, args, split_by_kind, len(prompt_rows) // args.samples_per_prompt)
 
@@ -570,18 +575,13 @@ def score_model_results(pairs, pair_scores):
     return score_models, histograms
 
 
-def label_answers(records, judge, args, row_names, results):
+def label_answers(records, judge, compare, args, row_names, results):
     """Rank 0: the judge's verdict on every answer, kept in its record (oracle_harmful, oracle_helpful, ...). With
-    two or more samples per prompt, answers 2k and 2k+1 to one prompt become a PKU-SafeRLHF row (labelled_pair);
-    --keep_pairs failed keeps only the rows with a harmful answer. Returns the rows (None with one sample)."""
+    k ≥ 2 samples per prompt, every pair of a prompt's k answers becomes a PKU-SafeRLHF row (labelled_pair; with the
+    judge file's compare(), its preferences); --keep_pairs failed keeps only the rows with a harmful answer. Returns
+    the rows (None with one sample)."""
     for record in (r for name in records for r in records[name]):
-        try:
-            verdict = judge(record["prompt"], record["answer"])
-        except Exception as error:  # the annotator's own failure, named with the prompt's row
-            raise InputError(
-                f"--judge {args.judge}: judge() raised on the answer of {record['policy']} to "
-                f"{row_names[record['prompt']]}: {type(error).__name__}: {error}"
-            ) from None
+        verdict = call_annotator(judge, args.judge, record, row_names, record["answer"])
         check_verdict(verdict, args.judge)
         record.update(
             oracle_harmful=verdict["harmful"],
@@ -594,27 +594,46 @@ def label_answers(records, judge, args, row_names, results):
         return None
     coin, k = random.Random(args.seed), args.samples_per_prompt  # each prompt's k answers lie side by side
     pairs_of_answers = [
-        (answers[i + j], answers[i + j + 1])
+        (answers[i + a], answers[i + b])
         for answers in records.values()
         for i in range(0, len(answers), k)
-        for j in range(0, k - 1, 2)
-    ]  # an odd k leaves one out
+        for a, b in itertools.combinations(range(k), 2)
+    ]
 
     def verdicts(record):
         return {key: record["oracle_" + key] for key in ("harmful", "helpful", "helpfulness", "harmlessness")}
 
-    labelled = [
-        labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin)
-        for a, b in pairs_of_answers
-    ]
+    labelled, compared = [], 0
+    for a, b in pairs_of_answers:
+        preference = call_annotator(compare, args.judge, a, row_names, a["answer"], b["answer"]) if compare else None
+        if compare:
+            check_preference(preference, args.judge)
+            compared += preference["better_response_id"] is not None or preference["safer_response_id"] is not None
+        labelled.append(
+            labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin, preference)
+        )
     rows = [row for row in labelled if row is not None]
     counts = {"pairs": len(labelled), "written": len(rows), "dropped_no_preference": len(labelled) - len(rows)}
+    if compare:  # the pairs in which the pairwise annotator preferred one answer on an axis
+        counts["preferred_by_compare"] = compared
     if args.keep_pairs == "failed":  # red-teaming: only the prompts the policy answered harmfully add data
         failed = [row for row in rows if not (row["is_response_0_safe"] and row["is_response_1_safe"])]
         counts |= {"written": len(failed), "dropped_both_safe": len(rows) - len(failed)}
         rows = failed
     results["labelled_pairs"] = counts
     return rows
+
+
+def call_annotator(function, spec, record, row_names, *answers):
+    """judge(prompt, answer) or compare(prompt, answer_0, answer_1) on an answer record's prompt; an exception is one
+    line naming the judge file, the policy and the prompt's row."""
+    try:
+        return function(record["prompt"], *answers)
+    except Exception as error:  # the annotator's own failure
+        raise InputError(
+            f"--judge {spec}: {function.__name__}() raised on the answer of {record['policy']} to "
+            f"{row_names[record['prompt']]}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def policy_results(records, args, split_by_kind, prompts):
@@ -696,18 +715,18 @@ def load_tokenizers(args, policies):
 
 
 def load_judge(spec):
-    """The annotator judge(prompt, answer) -> {"harmful": bool, "helpful": bool, ...} from FILE.py ('toy':
-    data/toy_world.py beside this script; '' or 'none': no annotator), with FILE.py's folder on the import path, and
-    tried once on a probe so that a broken judge fails now, in one line, not after all the generation."""
+    """The annotator from FILE.py ('toy': data/toy_world.py beside this script; '' or 'none': none): its function
+    judge(prompt, answer) -> {"harmful": bool, "helpful": bool, ...} and, if it defines one, its pairwise
+    compare(prompt, answer_0, answer_1) -> {"better_response_id", "safer_response_id"} (docs/judge.md). FILE.py's
+    folder goes on the import path, and both are tried once on a probe, so that a broken annotator fails now, in one
+    line, not after all the generation. Returns (judge, compare or None)."""
     if spec in ("", "none"):
-        return None
+        return None, None
     path = Path(__file__).resolve().parent / "data" / "toy_world.py" if spec == "toy" else Path(spec)
     name = f"toy ({path})" if spec == "toy" else spec
     if path.suffix != ".py" or not path.is_file():
-        raise InputError(
-            f"--judge {name}: "
-            + ("no such file" if path.suffix == ".py" else "expected 'toy', 'none' or a Python file FILE.py")
-        )
+        expected = "no such file" if path.suffix == ".py" else "expected 'toy', 'none' or a Python file FILE.py"
+        raise InputError(f"--judge {name}: {expected}")
     sys.path.insert(0, str(path.resolve().parent))  # the judge may import a module that lies beside it
     module_spec = importlib.util.spec_from_file_location(f"judge_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -717,14 +736,11 @@ def load_judge(spec):
         raise InputError(f"--judge {name}: importing it failed: {type(error).__name__}: {error}") from None
     if not callable(getattr(module, "judge", None)):
         raise InputError(f"--judge {name}: defines no function judge(prompt, answer)")
-    try:
-        verdict = module.judge(*PROBE)
-    except Exception as error:  # a wrong signature, a missing resource, ...
-        raise InputError(
-            f"--judge {name}: judge(prompt, answer) failed on the probe {PROBE}: {type(error).__name__}: {error}"
-        ) from None
-    check_verdict(verdict, name)
-    return module.judge
+    compare = module.compare if callable(getattr(module, "compare", None)) else None
+    probe_annotator(module.judge, PROBE, check_verdict, name)
+    if compare:
+        probe_annotator(compare, (*PROBE, PROBE[1]), check_preference, name)
+    return module.judge, compare
 
 
 def check_verdict(verdict, name):
@@ -744,6 +760,32 @@ def check_verdict(verdict, name):
         raise InputError(
             f"--judge {name}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans "
             "'harmful' and 'helpful' (and optionally numbers 'helpfulness' and 'harmlessness')"
+        )
+
+
+def probe_annotator(function, arguments, check, name):
+    """Call judge() or compare() once on ARGUMENTS and CHECK what it returns: one line if it raises or returns the
+    wrong shape."""
+    try:
+        returned = function(*arguments)
+    except Exception as error:  # a wrong signature, a missing resource, ...
+        raise InputError(
+            f"--judge {name}: {function.__name__}() failed on the probe {arguments}: {type(error).__name__}: {error}"
+        ) from None
+    check(returned, name)
+
+
+def check_preference(preference, name):
+    """A pairwise preference: a dict with "better_response_id" and "safer_response_id", each 0, 1 or None."""
+    keys = ("better_response_id", "safer_response_id")
+    if not (
+        isinstance(preference, dict)
+        and all(key in preference for key in keys)
+        and all(preference[key] is None or (type(preference[key]) is int and preference[key] in (0, 1)) for key in keys)
+    ):
+        raise InputError(
+            f"--judge {name}: compare(prompt, answer_0, answer_1) returned {preference!r:.200}; expected a dict with "
+            "'better_response_id' and 'safer_response_id', each 0, 1 or None"
         )
 
 

@@ -23,8 +23,9 @@ One iteration, as in `main()` below:
 `--algorithm` picks the paper's comparisons on the same code path, each with the reference's KL coefficient β as its
 default: ppo_lag (above; β 0.01), ppo (reward only, one critic; β 0.02), reward_shaping (end reward R - λ0·C with a
 fixed λ0 = --lambda_init, one critic; β 0.02). Two variants of ppo_lag that are not in the paper (docs/math.md §5):
---constraint rectified (RePO, arXiv 2410.19933: each answer's cost over the limit, {C - d}⁺, instead of E[C]) and
---lambda_update pid (Stooke, Achiam & Abbeel 2020: λ by a PID controller on the violation).
+--constraint rectified (after RePO, arXiv 2410.19933: each answer's cost over the limit, {C - d}⁺, instead of C, and
+λ against the share of answers over d, at most --tolerance) and --lambda_update pid (Stooke, Achiam & Abbeel 2020: λ
+by a PID controller on the violation).
 
 Deliberate differences from the reference code: answers are sampled from the full policy (top_k disabled; the reference
 inherits top_k=50), so the rollout is on-policy; the reward and cost models must share the actor's tokenizer; plain
@@ -41,6 +42,7 @@ Run (paper scale, 8 GPUs; the defaults are the reference's settings):
 """
 
 import argparse
+import copy
 import dataclasses
 import fcntl
 import functools
@@ -103,6 +105,7 @@ class Args:
     algorithm: str = arg("ppo_lag", "ppo_lag, ppo (reward only) or reward_shaping (R - λ0·C)", choices=ALGORITHMS)
     cost_limit: float = arg(0.0, "d: the limit on E[C] (the reference's --threshold), or on each C if rectified")
     constraint: str = arg("expected", "ppo_lag's constraint: E[C] ≤ d (paper) or rectified (RePO)", choices=CONSTRAINTS)
+    tolerance: float = arg(0.02, "ε of --constraint rectified: the share of answers that may cost more than d")
     lambda_update: str = arg("sgd", "ppo_lag's λ: sgd (the paper's step on log λ) or pid", choices=["sgd", "pid"])
     lambda_init: float = arg(1.0, "initial λ (and the fixed λ0 of reward_shaping)")
     lambda_lr: float = arg(0.1, "SGD learning rate of log λ (--lambda_update sgd)")
@@ -173,6 +176,7 @@ class Args:
         require(self, "seed", lambda v: 0 <= v < 2**31, "in [0, 2^31)")
         lagrangian = self.algorithm == "ppo_lag"  # only PPO-Lagrangian has a constraint and learns λ
         require(self, "constraint", lambda v: v == "expected" or lagrangian, "expected unless --algorithm ppo_lag")
+        require(self, "tolerance", lambda v: 0 <= v < 1, "in [0, 1) (a share of answers)")
         require(self, "lambda_update", lambda v: v == "sgd" or lagrangian, "sgd unless --algorithm ppo_lag")
         require(self, "pid_ki", lambda v: v > 0 or self.lambda_update == "sgd", "positive with --lambda_update pid")
         batch = self.per_device_prompt_batch_size
@@ -246,15 +250,14 @@ def rectified_costs(costs, cost_limit):
     return (costs - cost_limit).clamp(min=0.0)
 
 
-def constraint_violation(episode_costs, cost_limit, constraint):
-    # expected:   g = J_C - d = mean(C) - d        (paper §3.3: negative once the policy is safe on average, so very
-    #                                               safe answers can pay for harmful ones: "safety compensation")
-    # rectified:  g = mean({C - d}⁺) ≥ 0           (RePO: every answer over the limit counts, none can pay for another)
-    return (
-        episode_costs.mean() - cost_limit
-        if constraint == "expected"
-        else rectified_costs(episode_costs, cost_limit).mean()
-    )
+def constraint_violation(episode_costs, cost_limit, constraint, tolerance):
+    # expected:   g = J_C - d = mean(C) - d      (paper §3.3: negative once the policy is safe on average, so very safe
+    #                                             answers can pay for harmful ones: "safety compensation")
+    # rectified:  g = mean(1[C > d]) - ε         (the share of answers over the limit, less the share ε they may have:
+    #                                             negative once few enough cross d, whatever the scale of C; §5.1)
+    if constraint == "expected":
+        return episode_costs.mean() - cost_limit
+    return (episode_costs > cost_limit).float().mean() - tolerance
 
 
 def lagrange_multiplier_loss(log_lambda, violation):
@@ -308,7 +311,7 @@ class LagrangeMultiplier:
         if self.rule is None:
             return self.value
         window = torch.tensor(list(episode_costs), device=self.device)
-        violation = constraint_violation(window, self.args.cost_limit, self.args.constraint)
+        violation = constraint_violation(window, self.args.cost_limit, self.args.constraint, self.args.tolerance)
         dist.all_reduce(violation)
         violation = violation / self.args.world_size
         self.violation = violation.item()
@@ -350,13 +353,11 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, generation_co
     prompt_mask = torch.zeros_like(input_ids)
     for i, ids in enumerate(prompt_ids):
         input_ids[i, prompt_length - len(ids) :], prompt_mask[i, prompt_length - len(ids) :] = torch.tensor(ids), 1
+    config = copy.copy(generation_config)  # the caller's settings, with this batch's answer length
+    config.max_new_tokens = max_new_tokens
     # synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered beforehand)
     sequences = model.generate(
-        input_ids=input_ids,
-        attention_mask=prompt_mask,
-        generation_config=generation_config,
-        max_new_tokens=max_new_tokens,
-        synced_gpus=False,
+        input_ids=input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False
     )  # (B, P+T)
     answers = sequences[:, prompt_length:]  # (B, T)
     is_eos = answers == eos
@@ -390,11 +391,13 @@ def end_scores(score_model, input_ids, attention_mask):
 class Critic(torch.nn.Module):
     """A critic V(s_t): a score model's head read at every answer position instead of only at the EOS. V_t is read at
     position P-1+t, the state before answer token t. A module of its own because DDP must wrap the module whose
-    forward it runs."""
+    forward it runs. The cost critic of the rectified constraint (RECTIFY_AT = d) predicts the rectified cost-to-go:
+    its head's value v passes through softplus(v - d), a smooth {v - d}⁺, so that a critic that starts from the cost
+    model starts near {C - d}⁺ of its estimate (about 0 for a safe prefix), not at the raw C (docs/math.md §5.1)."""
 
-    def __init__(self, score_model):
+    def __init__(self, score_model, rectify_at=None):
         super().__init__()
-        self.score_model = score_model
+        self.score_model, self.rectify_at = score_model, rectify_at
 
     def forward(self, sequences, attention_mask, prompt_length):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -402,7 +405,8 @@ class Critic(torch.nn.Module):
         hidden = backbone(
             input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, P+T, H)
-        return self.score_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()  # (B, T)
+        values = self.score_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()  # (B, T)
+        return values if self.rectify_at is None else F.softplus(values - self.rectify_at)
 
 
 # ---- PTX data: stage 1's loss on SFT data, as in sft.py ----
@@ -518,8 +522,7 @@ def main():
     progress, start_time = progress_bar(total_rollouts, args.algorithm, rank, initial=run.rollout), time.time()
     for rollout in range(run.rollout + 1, total_rollouts + 1):
         prompts = next(prompt_batches)
-        for model in trained.values():
-            model.eval()  # steps 1-4 in eval mode, as the reference: no dropout, and the KV cache is allowed
+        set_mode(trained, training=False)  # steps 1-4 in eval mode, as the reference: no dropout, the KV cache allowed
 
         # 1. rollout: sample y ~ π_θ(·|x) for each prompt x of this rank's batch, and the log-probs of π_old. Under
         #    FSDP the actor's weights are gathered once for both, not once per generated token (see gathered())
@@ -549,8 +552,7 @@ def main():
                 per_token, old_values[stream], answer_mask, args.gamma, args.gae_lambda
             )
 
-        for model in trained.values():
-            model.train()  # steps 5-7 in training mode: dropout on, and gradient checkpointing active
+        set_mode(trained, training=True)  # steps 5-7 in training mode: dropout on, gradient checkpointing active
         sums = {}  # this rollout's losses and statistics, summed over its update steps
         for mb in minibatches(len(prompts), args, device):  # update_iters passes over the rollout, shuffled
             # 5. λ: one update against the constraint's violation over the episode-cost window. The window changes
@@ -587,8 +589,9 @@ def main():
         kl_per_token = old_log_probs - ref_log_probs  # (B, T)
         metrics = rollout_metrics(rollout, end_rewards, end_costs, kl_per_token, answer_mask, sums, episode_costs, args)
         metrics |= multiplier.metrics() | {"train/actor_lr": optimizers["actor"][1].get_last_lr()[0]}
+        reward, cost = metrics["objective/reward"], metrics["objective/cost"]
+        progress.set_postfix(reward=f"{reward:.2f}", cost=f"{cost:.2f}", refresh=False)  # shown at the next refresh
         progress.update(1)
-        progress.set_postfix(reward=f"{metrics['objective/reward']:.2f}", cost=f"{metrics['objective/cost']:.2f}")
         if rank == 0 and (rollout % args.logging_steps == 0 or rollout == total_rollouts):
             log_metrics(run.partial, run.tracker, rollout, metrics)
         if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
@@ -600,6 +603,12 @@ def main():
 
 
 # ---- the loop's helpers ----
+def set_mode(trained, training):
+    """Every trained model in training mode (dropout, gradient checkpointing) or in eval mode."""
+    for model in trained.values():
+        model.train(training)
+
+
 def minibatches(n, args, device):
     """The update steps of a rollout: update_iters passes over its n samples, each shuffled and cut into minibatches
     of per_device_train_batch_size."""
@@ -694,7 +703,8 @@ def sampling_config(args, tokenizer):
 
 def describe_run(args, prompts_line, ptx_loader, use_bf16, trained):
     """The start-up line: the variant, the prompts and the rollout budget, the memory of the trained models."""
-    variant = f" ({args.constraint} constraint, d = {args.cost_limit}, λ by {args.lambda_update})"
+    share = f", at most {args.tolerance:.0%} of answers over it" if args.constraint == "rectified" else ""
+    variant = f" ({args.constraint} constraint, d = {args.cost_limit}{share}, λ by {args.lambda_update})"
     return (
         f"{args.algorithm}{variant if args.algorithm == 'ppo_lag' else ''}: {prompts_line}, kl_coeff {args.kl_coeff}, "
         f"PTX {'on' if ptx_loader else 'off'}, bf16 {use_bf16}, {describe_memory(trained.values(), args.fsdp)}"
@@ -824,8 +834,11 @@ def load_models(args, tokenizer, device, use_bf16):
     critics = {"reward": args.reward_critic_model or args.reward_model}
     if args.algorithm == "ppo_lag":
         critics["cost"] = args.cost_critic_model or args.cost_model
+    rectify_at = {"cost": args.cost_limit} if args.constraint == "rectified" else {}  # the cost critic's {V - d}⁺
     critics = {
-        stream: Critic(load_pretrained(AutoModelForSequenceClassification, path, dtype=torch.float32))
+        stream: Critic(
+            load_pretrained(AutoModelForSequenceClassification, path, dtype=torch.float32), rectify_at.get(stream)
+        )
         for stream, path in critics.items()
     }
     trained_backbones = [actor] + [critic.score_model for critic in critics.values()]

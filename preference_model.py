@@ -343,8 +343,8 @@ def main():
         optimizer.zero_grad(set_to_none=True)
 
         # 4. log; now and then a resumable state; at the end of a pass (and of the run) the held-out accuracy
+        progress.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}", refresh=False)
         progress.update(1)
-        progress.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}")
         if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
             metrics = {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy}
             log_metrics(

@@ -8,30 +8,36 @@
 #                     reward_shaping     end reward R - λ0·C with a fixed λ0                 -> OUT/reward_shaping
 #                     ppo_lag            PPO-Lagrangian: max R  s.t.  E[C] <= d, d = -8.5    -> OUT/ppo_lag
 #                     ppo_lag_d0         the same with the reference's default d = 0         -> OUT/ppo_lag_d0
-#                     ppo_lag_rectified  RePO's per-answer constraint {C}⁺, d = 0             -> OUT/ppo_lag_rectified
+#                     ppo_lag_rectified  RePO's per-answer cost {C}⁺, λ against the share of answers with C > 0
+#                                        (at most 2% of them)                              -> OUT/ppo_lag_rectified
 #   4. evaluation   all six policies answer the held-out prompts; the reward and cost models (and, on the toy
 #                   worlds, their oracle judge) judge every answer                            -> OUT/eval
+#   5. rounds 2..N  (--rounds N, paper §4 and docs/rounds.md) the current policy answers fresh prompts 4 times each,
+#                   the judge labels all 6 pairs of each prompt's answers, red-team prompts the policy fails on are
+#                   found, new reward and cost models learn every pair so far, and PPO-Lagrangian (the rectified
+#                   constraint) starts again from the current policy                        -> OUT/round-K
+#                   then SFT and every round side by side                                   -> OUT/rounds
 #
 # Usage:
 #   bash run_pipeline.sh [--data DIR] [--out DIR] [--seed N] [--judge toy|FILE.py|none] [--rounds N] [--smoke]
+#                        [--overwrite]
 #     --data   a directory with sft.jsonl, preference_train.jsonl, preference_test.jsonl, prompts.jsonl and
-#              eval_prompts.jsonl (default data/toy; data/toy_world.py writes data/toy and data/toy_small, and
-#              the oracle judge labels the answers of both)
-#     --out    where every stage writes (default runs/toy)
+#              eval_prompts.jsonl, and for the rounds optionally redteam_prompts.jsonl (searched) and
+#              redteam_eval_prompts.jsonl (held out); default data/toy. data/toy_world.py writes data/toy and
+#              data/toy_small, and their oracle judge labels the answers of both. Paths are read from the caller's
+#              directory.
+#     --out    where every stage writes (default runs/toy). A directory that holds anything else than an output of
+#              run_pipeline.sh with the same settings is refused (--overwrite replaces it); one pipeline per --out.
 #     --seed   the seed of every stage (default 0)
-#     --judge  the annotator (README, "Plugging in your own annotator"): toy (the toy worlds' oracle), FILE.py, or
-#              none; default toy on data/toy and data/toy_small, none elsewhere. It labels every evaluated answer,
-#              and with --rounds 2+ it labels the new preference pairs.
-#     --rounds the paper's rounds of Safe RLHF (§4, v1 -> v3; default 1). Round 1 is steps 1-4 into OUT/. Each
-#              later round K writes OUT/round-K/: the previous round's ppo_lag answers fresh prompts (and the red-team
-#              prompts of DIR/redteam_prompts.jsonl, if there is one) twice each, the judge labels the two answers
-#              into a PKU-SafeRLHF pair, new reward and cost models learn from the SFT model on every pair so far,
-#              and ppo_lag starts again from the previous policy, which is also its reference. OUT/rounds/ compares
-#              SFT and every round's ppo_lag on the held-out prompts (and DIR/redteam_eval_prompts.jsonl).
+#     --judge  the annotator (docs/judge.md): toy (the toy worlds' oracle), FILE.py, or none; default toy on
+#              data/toy and data/toy_small, none elsewhere. It is imported and tried on a probe before the first
+#              stage; it labels every evaluated answer, and with --rounds 2+ the new preference pairs.
+#     --rounds the paper's rounds of Safe RLHF (default 1: steps 1-4)
 #     --smoke  a few steps per stage: checks that everything runs and every file appears (tests use it)
 #
-# Every stage runs under torchrun with one process per GPU, or one process on a CPU-only machine. The global
-# batch sizes stay the same whatever the number of processes (each is divided by it).
+# Everything is checked before the first stage. Every stage runs under torchrun with one process per GPU, or as one
+# plain python process on a CPU-only machine; the global batch sizes stay the same whatever the number of processes
+# (each is divided by it). A failed stage prints one line: the stage, its last error and its log file.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")" && pwd)
 fail() { echo "error: $*" >&2; exit 1; }
@@ -134,8 +140,34 @@ PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "
             --kl_coeff 0.05 --episode_cost_window_size 64 "${COMMON[@]}")
 JUDGE=()
 if [ "$JUDGE_SPEC" != none ]; then JUDGE=(--judge "$JUDGE_SPEC"); fi
-LABEL_PROMPTS=250  # fresh PPO-prompt rows per later round (round K answers rows (K-2)*250+1 .. (K-1)*250)
-if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; fi
+# later rounds (docs/rounds.md, decided before any run): K_SAMPLES answers per prompt, all K(K-1)/2 = 6 pairs of them;
+# LABEL_PROMPTS fresh prompts, so that a round labels up to half as many pairs as round 1 has (|D1| / 12 prompts x 6);
+# REDTEAM_SEARCH red-team prompts searched per round; the later rounds' limit: the rectified constraint at d = 0
+K_SAMPLES=4
+LABEL_PROMPTS=$(( ($(grep -c '[^[:space:]]' "$DATA/preference_train.jsonl") + 11) / 12 ))
+REDTEAM_SEARCH=200
+RECTIFIED=(--constraint rectified --cost_limit 0 --tolerance 0.02)
+if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; REDTEAM_SEARCH=8; fi
+rows() {  # rows FILE START COUNT: COUNT rows of a .jsonl file from row START on (from 0), cycling over the file
+  python3 -c 'import sys
+rows = [line for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
+start, count = int(sys.argv[2]), int(sys.argv[3])
+sys.stdout.write("".join(rows[(start + i) % len(rows)] for i in range(count)))' "$@"
+}
+found() {  # found EVAL_DIR CANDIDATES: the candidate rows whose prompt the policy answered harmfully at least once
+  python3 -c 'import json, sys
+failed = {a["prompt"] for a in map(json.loads, open(sys.argv[1] + "/answers.jsonl", encoding="utf-8")) if a["oracle_harmful"]}
+sys.stdout.write("".join(line for line in open(sys.argv[2], encoding="utf-8") if json.loads(line)["prompt"] in failed))' "$@"
+}
+split_pairs() {  # split_pairs PAIRS.jsonl... TRAIN.jsonl TEST.jsonl: the pairs of every 10th prompt (the 1st, the 11th,
+  python3 -c 'import json, sys  # ... in order of first appearance) to TEST, the rest to TRAIN
+*sources, train, test = sys.argv[1:]
+lines = [line for source in sources for line in open(source, encoding="utf-8") if line.strip()]
+order = {prompt: i for i, prompt in enumerate(dict.fromkeys(json.loads(line)["prompt"] for line in lines))}
+held_out = [order[json.loads(line)["prompt"]] % 10 == 0 for line in lines]
+open(train, "w", encoding="utf-8").writelines(line for line, out in zip(lines, held_out) if not out)
+open(test, "w", encoding="utf-8").writelines(line for line, out in zip(lines, held_out) if out)' "$@"
+}
 
 TIMES="$OUT/timings.txt"
 : > "$TIMES"
@@ -177,7 +209,7 @@ stage ppo $RUN ppo_lagrangian.py --algorithm ppo --output_dir "$OUT/ppo" "${PPO_
 stage reward_shaping $RUN ppo_lagrangian.py --algorithm reward_shaping --lambda_init 0.1 --output_dir "$OUT/reward_shaping" "${PPO_COMMON[@]}"
 stage ppo_lag $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit -8.5 --output_dir "$OUT/ppo_lag" "${PPO_COMMON[@]}"
 stage ppo_lag_d0 $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit 0 --output_dir "$OUT/ppo_lag_d0" "${PPO_COMMON[@]}"
-stage ppo_lag_rectified $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --constraint rectified --cost_limit 0 \
+stage ppo_lag_rectified $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" "${RECTIFIED[@]}" \
   --output_dir "$OUT/ppo_lag_rectified" "${PPO_COMMON[@]}"
 
 # 4. evaluation of all six on the held-out prompts (sampled answers, as the policies would answer)
@@ -187,40 +219,60 @@ stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_sh
   --prompt_data "$DATA/eval_prompts.jsonl" --preference_data "$DATA/preference_test.jsonl" \
   --reward_model "$OUT/reward" --cost_model "$OUT/cost" --output_dir "$OUT/eval" "${EVALUATE[@]}"
 
-# 5. rounds 2..N (the paper's Safe RLHF-v2, -v3): new answers from the current policy, labelled by the judge, new
-#    reward and cost models on every pair so far, and PPO-Lagrangian again from the current policy
-POLICY="$OUT/ppo_lag"; TRAIN="$DATA/preference_train.jsonl"; ROUND_POLICIES=(round-1="$OUT/ppo_lag")
+# 5. rounds 2..N (the paper's Safe RLHF-v2, -v3; docs/rounds.md): new answers from the current policy, labelled by the
+#    judge, the prompts it fails on searched among red-team phrasings, new reward and cost models on every pair so
+#    far, and PPO-Lagrangian again from the current policy, now with the rectified constraint at d = 0
+POLICY="$OUT/ppo_lag"; TRAIN="$DATA/preference_train.jsonl"; PROMPTS="$DATA/prompts.jsonl"; ROUND_POLICIES=(round-1="$POLICY")
 for (( K = 2; K <= ROUNDS; K++ )); do
   R="$OUT/round-$K"
+  PREVIOUS="$(dirname "$POLICY")"
   mkdir -p "$R"
-  # new answers from the current policy, two per prompt, labelled by the judge (scores by the previous round's models)
-  LABEL=(--policy current="$POLICY" --samples_per_prompt 2 --reward_model "$(dirname "$POLICY")/reward"
-         --cost_model "$(dirname "$POLICY")/cost" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48
+  # K_SAMPLES answers per prompt from the current policy, every pair of them labelled by the judge (scored by the
+  # previous round's models); fresh prompts read on from where the last round stopped, cycling over the file
+  LABEL=(--policy current="$POLICY" --samples_per_prompt "$K_SAMPLES" --reward_model "$PREVIOUS/reward"
+         --cost_model "$PREVIOUS/cost" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48
          --per_device_batch_size 50 --seed "$(( SEED + K ))")
-  sed -n "$(( (K - 2) * LABEL_PROMPTS + 1 )),$(( (K - 1) * LABEL_PROMPTS ))p" "$DATA/prompts.jsonl" > "$R/label_prompts.jsonl"
+  rows "$DATA/prompts.jsonl" $(( (K - 2) * LABEL_PROMPTS )) "$LABEL_PROMPTS" > "$R/label_prompts.jsonl"
   stage "round-$K/label" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$R/label_prompts.jsonl" --output_dir "$R/label"
   NEW_PAIRS=("$R/label/labelled_pairs.jsonl")
-  # red-team prompts: only the pairs of those the current policy fails on (at least one of its answers harmful)
+  # red-teaming: REDTEAM_SEARCH prompts of the pool; those the policy answers harmfully at least once are found:
+  # their pairs join the data, the prompts join the PPO prompts from this round on
   if [ -f "$DATA/redteam_prompts.jsonl" ]; then
-    stage "round-$K/redteam" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$DATA/redteam_prompts.jsonl" --keep_pairs failed \
+    rows "$DATA/redteam_prompts.jsonl" $(( (K - 2) * REDTEAM_SEARCH )) "$REDTEAM_SEARCH" > "$R/redteam_search.jsonl"
+    stage "round-$K/redteam" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$R/redteam_search.jsonl" --keep_pairs failed \
       --output_dir "$R/redteam"
     NEW_PAIRS+=("$R/redteam/labelled_pairs.jsonl")
+    found "$R/redteam" "$R/redteam_search.jsonl" > "$R/redteam_found.jsonl"
+    cat "$PROMPTS" "$R/redteam_found.jsonl" > "$R/prompts.jsonl"
+    PROMPTS="$R/prompts.jsonl"
   fi
-  cat "$TRAIN" "${NEW_PAIRS[@]}" > "$R/preference_train.jsonl"  # every pair so far
+  # every 10th labelled prompt's pairs are held out, to measure how well the new models learn the new data
+  split_pairs "${NEW_PAIRS[@]}" "$R/new_pairs_train.jsonl" "$R/new_pairs_test.jsonl"
+  cat "$TRAIN" "$R/new_pairs_train.jsonl" > "$R/preference_train.jsonl"  # every pair so far
   TRAIN="$R/preference_train.jsonl"
   for objective in reward cost; do
-    stage "round-$K/$objective" $RUN preference_model.py --objective "$objective" --train_data "$TRAIN" --output_dir "$R/$objective" "${PREFERENCE[@]}"
+    stage "round-$K/$objective" $RUN preference_model.py --objective "$objective" --train_data "$TRAIN" \
+      --output_dir "$R/$objective" "${PREFERENCE[@]}"
   done
-  # round 1's ppo_lag settings; the flags after PPO_COMMON replace its models (the last value of a flag wins)
-  stage "round-$K/ppo_lag" $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" --cost_limit -8.5 --output_dir "$R/ppo_lag" \
-    "${PPO_COMMON[@]}" --actor_model "$POLICY" --reward_model "$R/reward" --cost_model "$R/cost"
+  if [ -s "$R/new_pairs_test.jsonl" ]; then  # the held-out new pairs: the new models, and the previous round's
+    for models in new:"$R" previous:"$PREVIOUS"; do
+      stage "round-$K/new_pairs_${models%%:*}" $RUN evaluate.py --preference_data "$R/new_pairs_test.jsonl" \
+        --reward_model "${models#*:}/reward" --cost_model "${models#*:}/cost" --output_dir "$R/new_pairs_${models%%:*}" \
+        --max_length 128 --per_device_batch_size 50
+    done
+  fi
+  # round 1's ppo_lag settings, with the limit every later round's cost model means the same by: the rectified
+  # constraint at d = 0, at most 2% of answers over it (docs/rounds.md); the flags after PPO_COMMON replace its
+  # models and prompts (the last value of a flag wins)
+  stage "round-$K/ppo_lag" $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" "${RECTIFIED[@]}" --output_dir "$R/ppo_lag" \
+    "${PPO_COMMON[@]}" --actor_model "$POLICY" --reward_model "$R/reward" --cost_model "$R/cost" --prompt_data "$PROMPTS"
   stage "round-$K/evaluate" $RUN evaluate.py --policy round-$K="$R/ppo_lag" --prompt_data "$DATA/eval_prompts.jsonl" \
     --reward_model "$R/reward" --cost_model "$R/cost" --output_dir "$R/eval" "${EVALUATE[@]}"
   POLICY="$R/ppo_lag"; ROUND_POLICIES+=(round-$K="$POLICY")
 done
 
 # 6. the rounds side by side: SFT and every round's ppo_lag answer the held-out prompts (and the held-out red-team
-#    prompts), scored by the last round's models; the last policy's answers again under the round-1 models
+#    prompts), scored by the last round's models
 if (( ROUNDS > 1 )); then
   LAST="$(dirname "$POLICY")"
   stage rounds/evaluate $RUN evaluate.py --policy sft="$OUT/sft" "${ROUND_POLICIES[@]}" --prompt_data "$DATA/eval_prompts.jsonl" \
@@ -229,53 +281,9 @@ if (( ROUNDS > 1 )); then
     stage rounds/redteam $RUN evaluate.py --policy sft="$OUT/sft" "${ROUND_POLICIES[@]}" --prompt_data "$DATA/redteam_eval_prompts.jsonl" \
       --reward_model "$LAST/reward" --cost_model "$LAST/cost" --output_dir "$OUT/rounds/redteam" "${EVALUATE[@]}"
   fi
-  stage rounds/round-1_models $RUN evaluate.py --policy "${ROUND_POLICIES[-1]}" --prompt_data "$DATA/eval_prompts.jsonl" \
-    --reward_model "$OUT/reward" --cost_model "$OUT/cost" --output_dir "$OUT/rounds/round-1_models" "${EVALUATE[@]}"
-  python - "$OUT" "$ROUNDS" <<'PYTHON'
-# The table and the plot of the rounds: OUT/rounds/report.md and OUT/rounds/rounds.png
-import json, sys
-from pathlib import Path
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-out, rounds = Path(sys.argv[1]), int(sys.argv[2])
-load = lambda path: json.loads((out / path / "results.json").read_text())["policies"] if (out / path / "results.json").is_file() else None
-evaluated, redteam, round_1_models = load("rounds/eval"), load("rounds/redteam"), load("rounds/round-1_models")
-names = ["sft"] + [f"round-{k}" for k in range(1, rounds + 1)]
-own = {"round-1": load("eval")["ppo_lag"], **{f"round-{k}": load(f"round-{k}/eval")[f"round-{k}"] for k in range(2, rounds + 1)}}
-pct = lambda value: "–" if value is None else f"{100 * value:.1f}%"
-rows = {"harmful answers to harmful prompts": [evaluated[n]["harmful_prompts"].get("oracle_harmful_rate") for n in names],
-        "harmful answers to held-out red-team prompts": [redteam[n]["all"].get("oracle_harmful_rate") if redteam else None for n in names],
-        "helpful answers to benign prompts": [evaluated[n]["benign_prompts"].get("oracle_helpful_rate") for n in names],
-        "garbled answers (the oracle's 'other')": [evaluated[n]["all"].get("oracle_other_rate") for n in names],
-        "this round's cost model agrees with the judge on this round's answers": [None] + [own[n]["all"].get("cost_oracle_agreement") for n in names[1:]],
-        "the round-1 cost model agrees with the judge on the same answers": [None] * rounds + [round_1_models[names[-1]]["all"].get("cost_oracle_agreement")]}
-table = ["| (by the judge, held-out prompts) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-table += [f"| {label} | " + " | ".join(pct(v) for v in values) + " |" for label, values in rows.items()]
-lines = lambda path: (out / path).read_text().splitlines() if (out / path).is_file() else None
-def failed_prompts(k):  # "F of N": red-team prompts the round-k policy answered harmfully at least once, of all
-    answers = lines(f"round-{k}/redteam/answers.jsonl")
-    if answers is None:
-        return None
-    records = [json.loads(line) for line in answers]
-    return f"{len({r['prompt'] for r in records if r['oracle_harmful']})} of {len({r['prompt'] for r in records})}"
-count = lambda path: None if lines(path) is None else len(lines(path))
-added = {"pairs from fresh prompts (labelled by the judge)": [count(f"round-{k}/label/labelled_pairs.jsonl") for k in range(2, rounds + 1)],
-         "red-team prompts the current policy answered harmfully": [failed_prompts(k) for k in range(2, rounds + 1)],
-         "pairs from those red-team prompts (added)": [count(f"round-{k}/redteam/labelled_pairs.jsonl") for k in range(2, rounds + 1)]}
-table += ["", "| new preference pairs | " + " | ".join(names[2:]) + " |", "|---" * rounds + "|"]
-table += [f"| {label} | " + " | ".join("–" if v is None else str(v) for v in values) + " |" for label, values in added.items()]
-(out / "rounds" / "report.md").write_text("## Safe RLHF rounds\n\n" + "\n".join(table) + "\n")
-print("\n".join(table))
-figure, axis = plt.subplots(figsize=(8, 4.5))
-for label, values in list(rows.items())[:4]:
-    if any(v is not None for v in values):
-        axis.plot(names, [100 * v if v is not None else float("nan") for v in values], marker="o", label=label)
-axis.set(ylabel="% of answers (judge)", title="Safe RLHF, round after round", ylim=(-2, 102))
-axis.legend(fontsize=8)
-figure.tight_layout()
-figure.savefig(out / "rounds" / "rounds.png", dpi=120)
-PYTHON
+  # the table and the plot of the rounds: OUT/rounds/report.md (printed) and OUT/rounds/rounds.png
+  python bench/rounds.py "$OUT" --report "$OUT/rounds/report.md" --plot "$OUT/rounds/rounds.png" \
+    --title "Safe RLHF, round after round ($(basename "$DATA"), seed $SEED)"
 fi
 
 cp "$OUT/eval/training_curves.png" "$OUT/training_curves.png"

@@ -278,8 +278,8 @@ def main():
         optimizer.zero_grad(set_to_none=True)
 
         # 4. log; now and then a resumable state; at the end of a pass (and of the run) the evaluation loss
+        progress.set_postfix(loss=f"{train_loss:.4f}", refresh=False)  # shown at the bar's next refresh, not each step
         progress.update(1)
-        progress.set_postfix(loss=f"{train_loss:.4f}")
         if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
             metrics = {
                 "step": step,

@@ -2,8 +2,8 @@
 
 With it, two answers that the oracle calls alike on both questions (is it harmful? does it do the task?) are no
 preference pair, e.g. a garbled answer and a polite refusal to a harmful request: both safe, neither helpful.
-README, "Rounds of Safe RLHF", compares the rounds labelled by this annotator and by the grading one (`--judge toy`).
-It is also the smallest example of an annotator file: `evaluate.py --judge data/toy_judge_binary.py`.
+It defines no pairwise compare(), so a pair is labelled from the two verdicts alone (docs/judge.md). It is also the
+smallest example of an annotator file: `evaluate.py --judge data/toy_judge_binary.py`.
 """
 
 import importlib.util

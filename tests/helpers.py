@@ -266,6 +266,45 @@ def run(script, *args, nproc=1):
     return result
 
 
+def process_tree(pid):
+    """PID and every process it started, and theirs (read from /proc: torchrun's workers need not share its group)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we read
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_all(process):
+    """SIGKILL a run and every process it started, and wait until all are gone (their locks with them)."""
+    tree = process_tree(process.pid)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+    deadline = time.time() + 60
+    for pid in tree[1:]:  # a zombie holds no lock: only a live one counts
+        while Path(f"/proc/{pid}").exists() and "State:\tZ" not in read_or_empty(Path(f"/proc/{pid}/status")):
+            assert time.time() < deadline, f"process {pid} outlived SIGKILL"
+            time.sleep(0.02)
+
+
+def read_or_empty(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def kill_after_second_state(script, args, output_dir, nproc=1):
     """Start the run, wait until it has written two states, SIGKILL it (every process), return the newest state's N."""
     process = subprocess.Popen(
@@ -283,7 +322,6 @@ def kill_after_second_state(script, args, output_dir, nproc=1):
         assert process.poll() is None, f"the run ended before its second state: {process.stderr.read()[-3000:]}"
         assert time.time() < deadline
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_all(process)
     assert not output_dir.exists()  # a killed run leaves no output, only its working directory
     return max(int(path.name.rsplit("-", 1)[1]) for path in partial.glob("checkpoint-*[0-9]"))

@@ -386,6 +386,41 @@ def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sft_checkpoint, p
     }
 
 
+COMPARE_FILE = """
+def judge(prompt, answer):
+    return {"harmful": "steps" in answer.lower(), "helpful": len(answer.split()) > 8}
+
+
+def compare(prompt, answer_0, answer_1):  # the longer answer is more helpful; no view on which is safer
+    if len(answer_0) == len(answer_1):
+        return {"better_response_id": None, "safer_response_id": None}
+    return {"better_response_id": 0 if len(answer_0) > len(answer_1) else 1, "safer_response_id": None}
+"""
+
+
+def test_every_pair_of_k_samples_is_labelled_by_the_pairwise_annotator(sft_checkpoint, preference_models, tmp_path):
+    (tmp_path / "pairwise.py").write_text(COMPARE_FILE)
+    run_script("evaluate.py", "--policy", f"sft={sft_checkpoint}", "--prompt_data", TOY / "eval_prompts.jsonl",
+               "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost",
+               "--judge", tmp_path / "pairwise.py", "--max_prompts", 5, "--samples_per_prompt", 3,
+               "--max_new_tokens", 24, "--max_length", 128, "--output_dir", tmp_path / "out")  # fmt: skip
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "labelled_pairs.jsonl").read_text().splitlines()]
+    counts = json.loads((tmp_path / "out" / "results.json").read_text())["labelled_pairs"]
+    pairs = [(answers[i + a], answers[i + b]) for i in range(0, 15, 3) for a, b in ((0, 1), (0, 2), (1, 2))]
+    decided = [(a, b) for a, b in pairs if len(a["answer"]) != len(b["answer"])]
+    assert counts["pairs"] == 15 and counts["preferred_by_compare"] == len(decided) > 0  # all 3 pairs of 3 samples
+    kept = [(a, b) for a, b in pairs if (a, b) in decided or a["oracle_harmful"] != b["oracle_harmful"]]
+    assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == [
+        (a["prompt"], a["answer"], b["answer"]) for a, b in kept
+    ]
+    for row, (a, b) in zip(rows, kept):
+        if len(a["answer"]) != len(b["answer"]):  # compare's preference, not the judge's flags
+            assert row["better_response_id"] == (0 if len(a["answer"]) > len(b["answer"]) else 1)
+        if a["oracle_harmful"] != b["oracle_harmful"]:
+            assert row["safer_response_id"] == (1 if a["oracle_harmful"] else 0)
+
+
 def test_labelled_pair_rule_by_hand():
     coin = random.Random(0)
     comply, decline, refuse = (
@@ -449,6 +484,35 @@ def test_labelled_pair_rule_by_hand():
     )  # a grade counts only when both answers have one
 
 
+def test_labelled_pair_with_a_pairwise_preference():
+    coin = random.Random(0)
+    safe_a, safe_b = {"harmful": False, "helpful": True}, {"harmful": False, "helpful": True}
+    unsafe = {"harmful": True, "helpful": True}
+    # two good answers that a yes/no judge cannot tell apart: the pairwise annotator's preferences make the pair
+    assert ev.labelled_pair("p", "Long answer.", "Short.", safe_a, safe_b, coin) is None
+    row = ev.labelled_pair("p", "Long answer.", "Short.", safe_a, safe_b, coin,
+                           {"better_response_id": 1, "safer_response_id": 0})  # fmt: skip
+    assert (row["better_response_id"], row["safer_response_id"]) == (1, 0)
+    assert row["is_response_0_safe"] and row["is_response_1_safe"]  # the safety labels stay the verdicts'
+    # the one safe answer of a pair is the safer, whatever compare says (the sign term needs labels that agree)
+    row = ev.labelled_pair(
+        "p", "Sure: steps", "No.", unsafe, safe_a, coin, {"better_response_id": 0, "safer_response_id": 0}
+    )
+    assert row["safer_response_id"] == 1 and row["better_response_id"] == 0
+    # no preference on either axis: dropped; on one axis only: the coin decides that axis
+    assert (
+        ev.labelled_pair("p", "a", "b", safe_a, safe_b, coin, {"better_response_id": None, "safer_response_id": None})
+        is None
+    )
+    picks = {
+        ev.labelled_pair("p", "a", "b", safe_a, safe_b, coin, {"better_response_id": 0, "safer_response_id": None})[
+            "safer_response_id"
+        ]
+        for _ in range(50)
+    }
+    assert picks == {0, 1}
+
+
 class NoCoin:
     def randrange(self, n):
         raise AssertionError("a tie was broken by the coin")
@@ -459,21 +523,25 @@ NO_COIN = NoCoin()
 
 @pytest.mark.parametrize("world", ["toy", "toy_small"])
 def test_the_graded_oracle_labels_later_rounds_as_round_1_was_labelled(world):
-    """labelled_pair with --judge toy's verdicts gives back every committed preference row, coin untouched: the
-    annotator of rounds 2, 3, ... uses the same rules as the one that labelled the data of round 1."""
-    judge = ev.load_judge("toy")
+    """labelled_pair with --judge toy's verdicts gives back every committed preference row, coin untouched, and so does
+    its pairwise compare(): the annotator of rounds 2, 3, ... uses the same rules as the one that labelled round 1."""
+    judge, compare = ev.load_judge("toy")
     for name in ("preference_train.jsonl", "preference_test.jsonl"):
         for line in (REPO / "data" / world / name).read_text().splitlines():
             row = json.loads(line)
-            verdicts = [judge(row["prompt"], row[f"response_{i}"]) for i in (0, 1)]
-            assert ev.labelled_pair(row["prompt"], row["response_0"], row["response_1"], *verdicts, NO_COIN) == row, (
-                name,
-                row,
-            )
+            answers = (row["response_0"], row["response_1"])
+            verdicts = [judge(row["prompt"], answer) for answer in answers]
+            assert ev.labelled_pair(row["prompt"], *answers, *verdicts, NO_COIN) == row, (name, row)
+            preference = compare(row["prompt"], *answers)
+            assert ev.labelled_pair(row["prompt"], *answers, *verdicts, NO_COIN, preference) == row, (name, row)
 
 
 def test_the_binary_oracle_is_the_graded_one_without_grades():
-    graded, binary = ev.load_judge("toy"), ev.load_judge(str(REPO / "data" / "toy_judge_binary.py"))
+    (graded, compare), (binary, no_compare) = (
+        ev.load_judge("toy"),
+        ev.load_judge(str(REPO / "data" / "toy_judge_binary.py")),
+    )
+    assert compare is not None and no_compare is None  # the yes/no annotator compares nothing
     for line in (TOY / "preference_test.jsonl").read_text().splitlines()[:50]:
         row = json.loads(line)
         verdict = graded(row["prompt"], row["response_0"])
@@ -510,7 +578,7 @@ def test_load_judge_names_what_is_wrong(tmp_path):
     ):
         with pytest.raises(ev.InputError, match=re.escape(expected)):
             ev.load_judge(str(spec))
-    toy = ev.load_judge("toy")  # the toy worlds' oracle under its short name
+    toy, _ = ev.load_judge("toy")  # the toy worlds' oracle under its short name
     assert toy("How do I bake bread?", "")["harmful"] is False
 
 

@@ -87,7 +87,7 @@ EXPECTED = {  # what the error line must say
     "a float id": ["float_id.jsonl, row 5, field 'better_response_id': expected 0 or 1, got 1.0"],
     "blank lines only": ["blank.jsonl: no rows"],
     "conflicting labels": ["conflicting.jsonl, row 3, field 'harmful'", "row 1 says"],
-    "judge with one argument": ["one_argument.py: judge(prompt, answer) failed on the probe", "TypeError"],
+    "judge with one argument": ["one_argument.py: judge() failed on the probe", "TypeError"],
     "judge that raises": ["raises.py: judge() raised on the answer of sft to", "row 1", "ValueError: cannot read"],
     "judge that exits": ["exits.py: importing it failed: SystemExit: 3"],
 }

@@ -2,6 +2,7 @@
 appears; and everything it checks before the first stage, its output marker, its lock, its one line per failure."""
 
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +14,10 @@ import pytest
 
 from helpers import REPO
 
+spec = importlib.util.spec_from_file_location("toy_world", REPO / "data" / "toy_world.py")
+tw = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tw)
+
 POLICIES = ["ppo", "reward_shaping", "ppo_lag", "ppo_lag_d0", "ppo_lag_rectified"]
 PATH_ARGS = {
     "actor_model",
@@ -23,6 +28,8 @@ PATH_ARGS = {
     "model_name_or_path",
     "train_data",
     "eval_data",
+    "policy",
+    "judge",
 }
 
 
@@ -36,21 +43,34 @@ def pipeline(*args, cwd=REPO, timeout=900):
     )
 
 
+HAND_BUILT_JUDGE = """from toy_world import REDTEAM_OPENERS, compare, judge as oracle
+
+
+def judge(prompt, answer):  # the oracle, except that a red-team prompt fails whenever the answer's length is odd
+    verdict = oracle(prompt, answer)
+    return verdict | {"harmful": verdict["harmful"] or (prompt.startswith(REDTEAM_OPENERS) and len(answer) % 2 == 1)}
+"""
+
+
+def hand_built_harmful(prompt, answer):
+    return tw.judge(prompt, answer)["harmful"] or (prompt.startswith(tw.REDTEAM_OPENERS) and len(answer) % 2 == 1)
+
+
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     """--smoke on both toy worlds: {world: (OUT, the completed process)}. The toy world runs two rounds (the default
-    judge, toy); the small world one round, run from another directory with relative paths, as a user's own data
-    and annotator would be: a copy of the world in "my data", the oracle as the judge file ok.py, --out myrun."""
+    judge, toy); the small world two rounds too, run from another directory with relative paths, as a user's own data
+    and annotator would be: a copy of the world in "my data", a hand-built judge file ok.py that imports the oracle
+    from beside it, --out myrun."""
     runs = {}
     out = tmp_path_factory.mktemp("toy") / "runs"
     runs["toy"] = out, pipeline("--smoke", "--data", "data/toy", "--out", out, "--seed", 1, "--rounds", 2)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     shutil.copytree(REPO / "data" / "toy_small", elsewhere / "my data")
-    shutil.copy(REPO / "data" / "toy_world.py", elsewhere / "ok.py")
-    runs["toy_small"] = (
-        elsewhere / "myrun",
-        pipeline("--smoke", "--data", "my data", "--judge", "ok.py", "--out", "myrun", "--seed", 1, cwd=elsewhere),
-    )
+    shutil.copy(REPO / "data" / "toy_world.py", elsewhere / "toy_world.py")  # a module beside the judge file
+    (elsewhere / "ok.py").write_text(HAND_BUILT_JUDGE)
+    run = ("--smoke", "--data", "my data", "--judge", "ok.py", "--out", "myrun", "--seed", 1, "--rounds", 2)
+    runs["toy_small"] = elsewhere / "myrun", pipeline(*run, cwd=elsewhere)
     for world, (_, result) in runs.items():
         assert result.returncode == 0, world + "\n" + result.stdout[-3000:] + result.stderr[-6000:]
     assert not (REPO / "myrun").exists()  # written where the caller meant, not into the repository
@@ -103,75 +123,102 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
     assert lagrangian["ppo_lag"]["max_steps"] == 2  # the budget is in rollouts (smoke: 2)
 
 
-def test_a_second_round_runs_every_stage_and_writes_every_file(smoke_runs):
-    out, result = smoke_runs["toy"]
+ROUND_2 = [
+    "round-2/label",
+    "round-2/redteam",
+    "round-2/reward",
+    "round-2/cost",
+    "round-2/new_pairs_new",
+    "round-2/new_pairs_previous",
+    "round-2/ppo_lag",
+    "round-2/evaluate",
+    "rounds/evaluate",
+    "rounds/redteam",
+]
+
+
+def oracle_harmful(prompt, answer):
+    return tw.judge(prompt, answer)["harmful"]
+
+
+@pytest.mark.parametrize("world", ["toy", "toy_small"])
+def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, world):
+    out, result = smoke_runs[world]
+    data = out.parent / "my data" if world == "toy_small" else REPO / "data" / "toy"
+    harmful = hand_built_harmful if world == "toy_small" else oracle_harmful
     stages = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
-    assert stages[9:] == [
-        "round-2/label",
-        "round-2/redteam",
-        "round-2/reward",
-        "round-2/cost",
-        "round-2/ppo_lag",
-        "round-2/evaluate",
-        "rounds/evaluate",
-        "rounds/redteam",
-        "rounds/round-1_models",
-    ]
+    assert stages[9:] == ROUND_2
     round_2 = out / "round-2"
-    # new answers from round 1's policy to fresh prompts (the next rows of prompts.jsonl) and to the red-team prompts,
-    # two per prompt, labelled by the judge; of the red-team prompts only those it fails on add pairs
-    prompts = (REPO / "data" / "toy" / "prompts.jsonl").read_text().splitlines()
+    # 1. fresh prompts: the next rows of prompts.jsonl; 4 answers of round 1's policy to each, all 6 pairs labelled
+    prompts = (data / "prompts.jsonl").read_text().splitlines()
     assert (round_2 / "label_prompts.jsonl").read_text().splitlines() == prompts[:8]
     label_args = json.loads((round_2 / "label" / "args.json").read_text())
-    assert (
-        label_args["policy"] == [f"current={out / 'ppo_lag'}"]
-        and label_args["samples_per_prompt"] == 2
-        and label_args["judge"] == "toy"
-    )
-    redteam_args = json.loads((round_2 / "redteam" / "args.json").read_text())
-    assert (
-        redteam_args["prompt_data"] == str(REPO / "data" / "toy" / "redteam_prompts.jsonl")
-        and redteam_args["keep_pairs"] == "failed"
-    )
-    assert {k: v for k, v in redteam_args.items() if k not in ("prompt_data", "keep_pairs", "output_dir")} == {
-        k: v for k, v in label_args.items() if k not in ("prompt_data", "keep_pairs", "output_dir")
-    }
+    assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 4
     labelled = json.loads((round_2 / "label" / "results.json").read_text())["labelled_pairs"]
-    new_rows = (round_2 / "label" / "labelled_pairs.jsonl").read_text().splitlines()
-    assert (
-        labelled["written"] == len(new_rows)
-        and labelled["pairs"] == labelled["written"] + labelled["dropped_no_preference"] == 8
-    )
-    redteam_rows = (round_2 / "redteam" / "labelled_pairs.jsonl").read_text().splitlines()
-    assert json.loads((round_2 / "redteam" / "results.json").read_text())["labelled_pairs"]["pairs"] == 200
-    # every pair so far: round 1's data and the new pairs; new score models from the SFT model, PPO from round 1's
-    # policy
-    original = (REPO / "data" / "toy" / "preference_train.jsonl").read_text().splitlines()
-    assert (round_2 / "preference_train.jsonl").read_text().splitlines() == original + new_rows + redteam_rows
+    fresh = [json.loads(line) for line in (round_2 / "label" / "labelled_pairs.jsonl").read_text().splitlines()]
+    assert labelled["pairs"] == 8 * 6 and labelled["written"] == len(fresh) > 0  # the smoke round makes new pairs
+    answers = {}
+    for answer in map(json.loads, (round_2 / "label" / "answers.jsonl").read_text().splitlines()):
+        answers.setdefault(answer["prompt"], []).append(answer["answer"])
+    for row in fresh:  # every new row: two answers of the policy to its prompt, with the judge's safety labels
+        assert {row["response_0"], row["response_1"]} <= set(answers[row["prompt"]])
+        for i in (0, 1):
+            assert row[f"is_response_{i}_safe"] == (not harmful(row["prompt"], row[f"response_{i}"]))
+    # 2. red-teaming: 8 prompts of the pool searched; exactly those answered harmfully at least once are found,
+    #    their pairs kept, and they join the PPO prompts
+    searched = (round_2 / "redteam_search.jsonl").read_text().splitlines()
+    assert searched == (data / "redteam_prompts.jsonl").read_text().splitlines()[:8]
+    tried = [json.loads(line) for line in (round_2 / "redteam" / "answers.jsonl").read_text().splitlines()]
+    failing = {a["prompt"] for a in tried if harmful(a["prompt"], a["answer"])}
+    found = (round_2 / "redteam_found.jsonl").read_text().splitlines()
+    assert found == [line for line in searched if json.loads(line)["prompt"] in failing]
+    if world == "toy_small":  # the hand-built judge fails about half of these answers: the search finds prompts
+        assert found
+    redteam = [json.loads(line) for line in (round_2 / "redteam" / "labelled_pairs.jsonl").read_text().splitlines()]
+    assert all(not (r["is_response_0_safe"] and r["is_response_1_safe"]) for r in redteam)
+    assert {r["prompt"] for r in redteam} <= failing
+    assert (round_2 / "prompts.jsonl").read_text().splitlines() == prompts + found
+    # 3. every pair so far: round 1's and the new ones, less the held-out tenth (every 10th prompt's pairs)
+    new_lines = [json.dumps(row) for row in fresh + redteam]
+    held_out = (round_2 / "new_pairs_test.jsonl").read_text().splitlines()
+    kept = (round_2 / "new_pairs_train.jsonl").read_text().splitlines()
+    assert sorted(held_out + kept) == sorted(new_lines) and held_out and kept
+    order = list(dict.fromkeys(row["prompt"] for row in fresh + redteam))  # the 1st, 11th, ... prompt's pairs
+    assert {json.loads(line)["prompt"] for line in held_out} == set(order[::10])
+    original = (data / "preference_train.jsonl").read_text().splitlines()
+    assert (round_2 / "preference_train.jsonl").read_text().splitlines() == original + kept
     for objective in ("reward", "cost"):
         args = json.loads((round_2 / objective / "args.json").read_text())
-        assert args["model_name_or_path"] == str(out / "sft") and args["train_data"] == str(
-            round_2 / "preference_train.jsonl"
-        )
-    ppo_args = json.loads((round_2 / "ppo_lag" / "args.json").read_text())
-    assert ppo_args["actor_model"] == str(out / "ppo_lag") and ppo_args["reward_model"] == str(round_2 / "reward")
-    assert ppo_args["cost_model"] == str(round_2 / "cost") and (round_2 / "ppo_lag" / "model.safetensors").is_file()
-    # the rounds side by side
+        assert args["model_name_or_path"] == str(out / "sft")
+        assert args["train_data"] == str(round_2 / "preference_train.jsonl")
+    for models, source in (("new", round_2), ("previous", out)):  # the held-out new pairs, both rounds' models
+        args = json.loads((round_2 / f"new_pairs_{models}" / "args.json").read_text())
+        assert args["preference_data"] == str(round_2 / "new_pairs_test.jsonl")
+        assert args["reward_model"] == str(source / "reward") and args["cost_model"] == str(source / "cost")
+    # 4. PPO-Lagrangian from round 1's policy, with the new models, the new prompts and the rectified limit d = 0
+    ppo = json.loads((round_2 / "ppo_lag" / "args.json").read_text())
+    expected = {"actor_model": out / "ppo_lag", "reward_model": round_2 / "reward", "cost_model": round_2 / "cost"}
+    assert {key: ppo[key] for key in expected} == {key: str(path) for key, path in expected.items()}
+    assert ppo["prompt_data"] == str(round_2 / "prompts.jsonl")
+    assert (ppo["constraint"], ppo["cost_limit"], ppo["tolerance"]) == ("rectified", 0.0, 0.02)
+    assert (round_2 / "ppo_lag" / "model.safetensors").is_file()
+    # 5. the rounds side by side, and the report (printed)
     policies = json.loads((out / "rounds" / "eval" / "results.json").read_text())["policies"]
     assert list(policies) == ["sft", "round-1", "round-2"] and "oracle_other_rate" in policies["round-2"]["all"]
     assert (out / "rounds" / "rounds.png").is_file()
     report = (out / "rounds" / "report.md").read_text()
-    assert (
-        "| harmful answers to held-out red-team prompts |" in report and report.splitlines()[2] in result.stdout
-    )  # and printed
-    assert "| red-team prompts the current policy answered harmfully |" in report
+    assert "| red-team prompts found (answered harmfully) |" in report and "### The claims, run by run" in report
+    assert report.splitlines()[2] in result.stdout
 
 
 def test_the_pipeline_has_no_setting_that_differs_between_the_worlds(smoke_runs):
-    def settings(out):  # every stage's args.json, paths aside
+    def settings(out):  # every stage's args.json, paths (and the judge file) aside
+        names = ["sft", "reward", "cost", *POLICIES] + [
+            f"round-2/{n}" for n in ("label", "redteam", "reward", "ppo_lag")
+        ]
         return {
             name: {k: v for k, v in json.loads((out / name / "args.json").read_text()).items() if k not in PATH_ARGS}
-            for name in ["sft", "reward", "cost", *POLICIES]
+            for name in names
         }
 
     assert settings(smoke_runs["toy"][0]) == settings(smoke_runs["toy_small"][0])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ppo_lagrangian as ppo
+from helpers import TINY_LLAMA
 
 
 def ragged_mask(lengths, T):
@@ -120,7 +121,7 @@ def test_critic_loss_clips_by_hand():
 def lambda_step(log_lambda_value, mean_episode_cost, cost_limit, lr, lambda_max=100.0):
     log_lambda = torch.tensor(log_lambda_value, requires_grad=True)
     optimizer = torch.optim.SGD([log_lambda], lr=lr)
-    violation = ppo.constraint_violation(torch.tensor([mean_episode_cost]), cost_limit, "expected")
+    violation = ppo.constraint_violation(torch.tensor([mean_episode_cost]), cost_limit, "expected", 0.0)
     return ppo.update_lagrange_multiplier(log_lambda, optimizer, violation, lambda_max)
 
 
@@ -150,17 +151,47 @@ def test_rectified_costs_by_hand():
 
 def test_safety_compensation_hides_harm_from_the_expected_constraint_but_not_from_the_rectified_one():
     # two harmful answers (C = +3) and four very safe ones (C = -6): the mean is -3 <= d = 0, so the expected
-    # constraint is met (g = -3 lowers λ), while the rectified violation is (3 + 3) / 6 = 1 (raises λ)
+    # constraint is met (g = -3 lowers λ); the rectified one counts the share over d: g = 2/6 - 0.02 (raises λ)
     costs = torch.tensor([3.0, 3.0, -6.0, -6.0, -6.0, -6.0])
-    assert ppo.constraint_violation(costs, 0.0, "expected").item() == pytest.approx(-3.0)
-    assert ppo.constraint_violation(costs, 0.0, "rectified").item() == pytest.approx(1.0)
+    assert ppo.constraint_violation(costs, 0.0, "expected", 0.02).item() == pytest.approx(-3.0)
+    assert ppo.constraint_violation(costs, 0.0, "rectified", 0.02).item() == pytest.approx(2 / 6 - 0.02)
     log_lambda = torch.tensor(0.0, requires_grad=True)
     optimizer = torch.optim.SGD([log_lambda], lr=0.1)
-    assert ppo.update_lagrange_multiplier(
-        log_lambda, optimizer, ppo.constraint_violation(costs, 0.0, "rectified"), 5.0
-    ) == pytest.approx(math.exp(0.1))
-    # once no answer costs more than d, the rectified violation is exactly zero: λ stays where it is
-    assert ppo.constraint_violation(torch.tensor([-0.1, -6.0]), 0.0, "rectified").item() == 0.0
+    violation = ppo.constraint_violation(costs, 0.0, "rectified", 0.02)
+    assert ppo.update_lagrange_multiplier(log_lambda, optimizer, violation, 5.0) == pytest.approx(
+        math.exp(0.1 * (2 / 6 - 0.02))
+    )
+
+
+def test_the_rectified_violation_goes_negative_once_few_enough_answers_cross_d():
+    # g = share of answers with C > d, less ε: 1 of 100 over d = 0 with ε = 2% gives g = -0.01, and λ comes down;
+    # an answer exactly at d does not cross it; the scale of C does not matter, only which side of d it is on
+    costs = torch.cat([torch.tensor([0.5]), torch.full((98,), -3.0), torch.tensor([0.0])])
+    assert ppo.constraint_violation(costs, 0.0, "rectified", 0.02).item() == pytest.approx(0.01 - 0.02)
+    assert ppo.constraint_violation(costs * 40, 0.0, "rectified", 0.02).item() == pytest.approx(-0.01)
+    assert ppo.constraint_violation(costs, -4.0, "rectified", 0.0).item() == pytest.approx(1.0)  # all over d = -4
+    log_lambda = torch.tensor(math.log(2.0), requires_grad=True)
+    optimizer = torch.optim.SGD([log_lambda], lr=1.0)
+    violation = ppo.constraint_violation(costs, 0.0, "rectified", 0.02)
+    assert ppo.update_lagrange_multiplier(log_lambda, optimizer, violation, 5.0) == pytest.approx(
+        2.0 * math.exp(1.0 * 2.0 * -0.01)  # log λ ← log λ + lr·λ·g: λ 2 → 1.96
+    )
+
+
+def test_the_rectified_cost_critic_predicts_a_smooth_rectified_value():
+    # softplus(v - d): about 0 for a safe prefix (v ≪ d), about v - d for an unsafe one, never negative
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY_LLAMA, num_labels=1, pad_token_id=0)
+    score_model = AutoModelForSequenceClassification.from_config(config).eval()
+    sequences, mask = torch.randint(3, 2000, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        raw = ppo.Critic(score_model)(sequences, mask, 4)  # (2, 5)
+        rectified = ppo.Critic(score_model, rectify_at=-0.5)(sequences, mask, 4)
+    assert torch.allclose(rectified, torch.nn.functional.softplus(raw + 0.5)) and (rectified > 0).all()
+    assert ppo.Critic(score_model, rectify_at=0.0)(sequences, mask, 4).sum() > 0
+    assert torch.nn.functional.softplus(torch.tensor(-10.0)).item() < 1e-4  # a safe answer's C ≈ -10: value ≈ 0
 
 
 def test_rectified_cost_advantage_ignores_how_safe_a_safe_answer_is():

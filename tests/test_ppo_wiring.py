@@ -227,6 +227,8 @@ def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
         str(LAMBDA_MAX),
         "--constraint",
         "rectified",
+        "--tolerance",
+        str(TOLERANCE),
         "--cost_limit",
         str(RECTIFIED_LIMIT),
         "--lambda_update",
@@ -262,9 +264,8 @@ def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
     return result, raw_costs, stream_costs, json_lines(output_dir / "metrics.jsonl")
 
 
-RECTIFIED_LIMIT = (
-    -4.0
-)  # between the SFT policy's safe and unsafe answers' costs on the toy world: some answers violate it
+# between the SFT policy's safe and unsafe answers' costs on the toy world: some answers violate it
+RECTIFIED_LIMIT, TOLERANCE = -4.0, 0.1
 
 
 def test_rectified_constraint_feeds_max_0_c_minus_d_to_the_cost_stream(rectified_pid_run):
@@ -274,12 +275,11 @@ def test_rectified_constraint_feeds_max_0_c_minus_d_to_the_cost_stream(rectified
         assert torch.allclose(streamed, (raw - RECTIFIED_LIMIT).clamp(min=0))
     everything = torch.cat(raw_costs)
     assert (everything > RECTIFIED_LIMIT).any() and (everything < RECTIFIED_LIMIT).any()  # both sides of d occur
-    # the violation that moves λ is the window's mean rectified cost (not its mean cost minus d)
+    # the violation that moves λ is the window's share of answers over d, less ε (not its mean cost minus d)
     for k, row in enumerate(metrics):
         window = torch.cat(raw_costs[: k + 1])
-        assert row["lagrange/violation"] == pytest.approx(
-            (window - RECTIFIED_LIMIT).clamp(min=0).mean().item(), rel=1e-5
-        )
+        share = (window > RECTIFIED_LIMIT).float().mean().item()
+        assert row["lagrange/violation"] == pytest.approx(share - TOLERANCE, rel=1e-5)
         assert row["objective/episode_cost"] == pytest.approx(window.mean().item(), rel=1e-5)
 
 

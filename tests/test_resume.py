@@ -116,45 +116,30 @@ def test_preference_model_resumes_where_it_was_killed(tiny_models, tmp_path):
     assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "step")
 
 
-def test_ppo_lagrangian_resumes_where_it_was_killed(tiny_models, tmp_path):
+PPO_VARIANTS = {  # the paper's λ with PTX (its data position is restored too), and PID λ (its integral and memory)
+    "sgd λ, PTX": ["--lambda_lr", 0.05, "--ptx_data", TOY / "sft.jsonl", "--ptx_coeff", 2.0],
+    "pid λ": ["--lambda_update", "pid", "--pid_kp", 0.2, "--pid_ki", 0.05, "--pid_kd", 0.2],
+}
+
+
+@pytest.mark.parametrize("variant", list(PPO_VARIANTS))
+def test_ppo_lagrangian_resumes_where_it_was_killed(tiny_models, tmp_path, variant):
     args = [
-        "--actor_model",
-        tiny_models / "sft",
-        "--reward_model",
-        tiny_models / "reward",
-        "--cost_model",
-        tiny_models / "cost",
-        "--prompt_data",
-        TOY / "prompts.jsonl",
-        "--max_steps",
-        16,
-        "--save_steps",
-        2,
-        "--per_device_prompt_batch_size",
-        4,
-        "--per_device_train_batch_size",
-        2,
-        "--update_iters",
-        2,
-        "--max_new_tokens",
-        8,
-        "--max_length",
-        64,
-        "--actor_lr",
-        1e-4,
-        "--critic_lr",
-        1e-4,
-        "--cost_limit",
-        -5.0,
-        "--lambda_lr",
-        0.05,
-        "--episode_cost_window_size",
-        12,
-        "--save_critics",
-        "--no_gradient_checkpointing",
-        "--no_bf16",
-        "--seed",
-        0,
+        *("--actor_model", tiny_models / "sft", "--reward_model", tiny_models / "reward"),
+        *("--cost_model", tiny_models / "cost", "--prompt_data", TOY / "prompts.jsonl"),
+        *(
+            "--max_steps",
+            16,
+            "--save_steps",
+            2,
+            "--per_device_prompt_batch_size",
+            4,
+            "--per_device_train_batch_size",
+            2,
+        ),
+        *("--update_iters", 2, "--max_new_tokens", 8, "--max_length", 64, "--actor_lr", 1e-4, "--critic_lr", 1e-4),
+        *("--cost_limit", -5.0, "--episode_cost_window_size", 12, "--save_critics", "--no_gradient_checkpointing"),
+        *("--no_bf16", "--seed", 0, *PPO_VARIANTS[variant]),
     ]
     resumed_from = kill_after_second_state("ppo_lagrangian.py", args, tmp_path / "resumed")
     run("ppo_lagrangian.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
@@ -165,6 +150,8 @@ def test_ppo_lagrangian_resumes_where_it_was_killed(tiny_models, tmp_path):
         for name in ("resumed", "uninterrupted")
     ]
     assert lambdas[0] == pytest.approx(lambdas[1], rel=1e-6) and lambdas[0] != 1.0
+    if "PTX" in variant:
+        assert all("loss/ptx" in row for row in metrics(tmp_path / "resumed", "rollout").values())
 
 
 def test_resume_without_a_saved_state_is_an_error(tmp_path):

@@ -1,9 +1,12 @@
-"""bench/rounds.py: the rates, the claims and the times of a --rounds run, against a hand-built run directory."""
+"""bench/rounds.py: the rates, the new data, the reward models, the claims and the times of a --rounds run, against a
+hand-built run directory whose every number is worked out here by hand."""
 
 import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
 
 from helpers import REPO
 
@@ -12,113 +15,131 @@ rounds = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rounds)
 
 
-def summary(harmful=None, helpful=None, other=None, agreement=None):
-    keys = {
-        "oracle_harmful_rate": harmful,
-        "oracle_helpful_rate": helpful,
-        "oracle_other_rate": other,
-        "cost_oracle_agreement": agreement,
+def write_json(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def write_lines(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def answer(policy, archetype, helpfulness, reward, harmful_prompt=False):
+    return {
+        "policy": policy,
+        "oracle_archetype": archetype,
+        "oracle_helpfulness": helpfulness,
+        "reward": reward,
+        "harmful_prompt": harmful_prompt,
     }
-    return {key: value for key, value in keys.items() if value is not None}
-
-
-def write(run, path, policies):
-    (run / path).mkdir(parents=True, exist_ok=True)
-    (run / path / "results.json").write_text(json.dumps({"policies": policies}))
 
 
 def fake_run(run, last_round_harmful):
-    """sft and two rounds; the red-team rate falls 40 -> 10, the last cost model agrees 90% vs the old one's 70%."""
-    numbers = {
-        "sft": (0.5, 0.6, 0.2, 0.4),
-        "round-1": (0.04, 0.7, 0.3, 0.2),
-        "round-2": (last_round_harmful, 0.75, 0.1, 0.1),
+    """SFT and two rounds. Round 1's data: 40 pairs; round 2 adds 14 fresh and 6 red-team pairs (50% of round 1's)."""
+    data = run.parent / f"{run.name}-data"
+    write_lines(data / "preference_train.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+    write_json(run / "pipeline.json", {"settings": {"data": str(data)}, "finished": True})
+    numbers = {  # harmful, red-team harmful, helpful, garbled (shares)
+        "sft": (0.5, 0.4, 0.6, 0.2),
+        "round-1": (0.04, 0.1, 0.7, 0.3),
+        "round-2": (last_round_harmful, 0.05, 0.75, 0.1),
     }
-    write(
-        run,
-        "rounds/eval",
-        {
-            name: {"harmful_prompts": summary(harmful=h), "benign_prompts": summary(helpful=g), "all": summary(other=o)}
-            for name, (h, g, o, _) in numbers.items()
-        },
+    policies = {
+        name: {
+            "harmful_prompts": {"oracle_harmful_rate": harmful},
+            "benign_prompts": {"oracle_helpful_rate": helpful},
+            "all": {"oracle_other_rate": other},
+        }
+        for name, (harmful, _, helpful, other) in numbers.items()
+    }
+    write_json(run / "rounds" / "eval" / "results.json", {"policies": policies})
+    redteam = {name: {"all": {"oracle_harmful_rate": r}} for name, (_, r, _, _) in numbers.items()}
+    write_json(run / "rounds" / "redteam" / "results.json", {"policies": redteam})
+    # round 1's policy (ppo_lag) on the held-out prompts, scored by round 1's models; SFT's answers must be left out
+    # agreement: (A, B) agree, (A, C) disagree (3 < 4), (B, C) agree -> 2/3; D is to a harmful prompt (another kind)
+    # helpful - garbled on benign prompts: mean(3, 4) - 1 = 2.5
+    write_lines(
+        run / "eval" / "answers.jsonl",
+        [
+            answer("sft", "other", 0, 9.0),
+            answer("ppo_lag", "helpful", 2, 3.0),  # A
+            answer("ppo_lag", "other", 0, 1.0),  # B
+            answer("ppo_lag", "helpful", 1, 4.0),  # C
+            answer("ppo_lag", "decline_redirect", 1, 0.0, harmful_prompt=True),  # D
+        ],
     )
-    write(run, "rounds/redteam", {name: {"all": summary(harmful=r)} for name, (_, _, _, r) in numbers.items()})
-    write(run, "round-2/eval", {"round-2": {"all": summary(agreement=0.9)}})
-    write(run, "rounds/round-1_models", {"round-2": {"all": summary(agreement=0.7)}})
-
-    def answer(policy, archetype, harmful, reward):
-        return json.dumps(
-            {"policy": policy, "oracle_archetype": archetype, "harmful_prompt": harmful, "reward": reward}
-        )
-
-    last_answers = [
-        ("helpful", False, 4.0),
-        ("helpful", False, 5.0),
-        ("other", False, 3.0),
-        ("decline_redirect", True, 1.0),
-        ("other", True, 2.0),
-    ]
-    (run / "rounds" / "eval" / "answers.jsonl").write_text(
-        "\n".join([answer("sft", "other", False, 9.0)] + [answer("round-2", *a) for a in last_answers]) + "\n"
+    # round 2's own: (A, B), (A, C), (B, C) agree; (A, F) graded alike: not counted; (B, F) a reward tie: half;
+    # (C, F) disagree -> 3.5 / 5 = 70%; helpful - garbled: mean(5, 1) - mean(1, 2) = 1.5
+    write_lines(
+        run / "round-2" / "eval" / "answers.jsonl",
+        [
+            answer("round-2", "helpful", 2, 5.0),  # A
+            answer("round-2", "other", 0, 1.0),  # B
+            answer("round-2", "other", 1, 2.0),  # C
+            answer("round-2", "helpful", 2, 1.0),  # F
+        ],
     )
-    old_rewards = [4.0, 4.0, 4.0, 0.0, 3.0]  # the round-1 reward model pays garbled answers as well as helpful ones
-    (run / "rounds" / "round-1_models" / "answers.jsonl").write_text(
-        "\n".join(answer("round-2", a, h, r) for (a, h, _), r in zip(last_answers, old_rewards)) + "\n"
+    write_json(
+        run / "round-2" / "label" / "results.json",
+        {"labelled_pairs": {"pairs": 16, "written": 14, "dropped_no_preference": 2, "preferred_by_compare": 12}},
     )
+    write_json(run / "round-2" / "redteam" / "results.json", {"labelled_pairs": {"pairs": 30, "written": 6}})
+    write_lines(run / "round-2" / "redteam_search.jsonl", [{"prompt": f"r{i}"} for i in range(5)])
+    write_lines(run / "round-2" / "redteam_found.jsonl", [{"prompt": "r1"}, {"prompt": "r3"}])
+    write_lines(run / "round-2" / "new_pairs_test.jsonl", [{"prompt": "p"}] * 3)
+    for models, (reward, cost) in {"new": (2 / 3, 1.0), "previous": (1 / 3, 2 / 3)}.items():
+        scores = {"reward": {"accuracy": reward}, "cost": {"accuracy": cost}}
+        write_json(run / "round-2" / f"new_pairs_{models}" / "results.json", {"score_models": scores})
     (run / "timings.txt").write_text(
-        "sft 70 s\nreward 40 s\ncost 41 s\nppo 75 s\nppo_lag 80 s\nevaluate 30 s\n"
-        "round-2/label 10 s\nround-2/redteam 12 s\nround-2/ppo_lag 85 s\nrounds/evaluate 20 s\n"
+        "sft 70 s\nreward 40 s\ncost 41 s\nppo 75 s\nppo_lag 80 s\nevaluate 30 s\nround-2/label 10 s\n"
+        "round-2/redteam 12 s\nround-2/reward 20 s\nround-2/ppo_lag 85 s\nrounds/evaluate 20 s\n"
     )
 
 
-def test_rates_claims_and_times_by_hand(tmp_path):
-    fake_run(tmp_path, last_round_harmful=0.02)
-    table, agreement = rounds.rates(tmp_path)
+def test_rates_new_data_reward_models_claims_and_times_by_hand(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, last_round_harmful=0.02)
+    table = rounds.rates(run)
     assert list(table) == ["sft", "round-1", "round-2"]
-    assert table["round-2"] == {"harmful": 2.0, "redteam": 10.0, "helpful": 75.0, "other": 10.0}
-    assert agreement == {"last round's cost model": 90.0, "round-1 cost model": 70.0}
-    assert [holds for _, holds, _ in rounds.claims(table, agreement)] == [True] * 6
-    assert rounds.reward_gaps(tmp_path) == {  # the last policy's answers only (not sft's), by archetype and prompt kind
-        "round-1 reward model": {"benign: helpful - garbled": 0.0, "harmful: decline - garbled": -3.0},
-        "last reward model": {"benign: helpful - garbled": 1.5, "harmful: decline - garbled": -1.0},
-    }
-    times = rounds.timings(tmp_path)  # round 1: only the stages a loop needs (not ppo); the comparison stays apart
-    assert times == {
+    assert table["round-2"] == pytest.approx({"harmful": 2.0, "redteam": 5.0, "helpful": 75.0, "other": 10.0})
+    data = rounds.new_data(run)["round-2"]
+    assert data["fresh pairs"] == 14 and data["fresh pairs the pairwise annotator decided"] == 12
+    assert data["fresh pairs dropped (no preference)"] == 2 and data["red-team pairs"] == 6
+    assert (data["red-team prompts searched"], data["red-team prompts found (answered harmfully)"]) == (5, 2)
+    assert data["new pairs, share of round 1's"] == pytest.approx(100 * (14 + 6) / 40)
+    assert data["held-out new pairs"] == 3
+    assert data["reward accuracy on them: new / previous model"] == pytest.approx((200 / 3, 100 / 3))
+    assert data["cost accuracy on them: new / previous model"] == pytest.approx((100.0, 200 / 3))
+    models = rounds.reward_models(run)
+    assert models["round-1"] == pytest.approx({"agreement": 200 / 3, "clean - garbled": 2.5})
+    assert models["round-2"] == pytest.approx({"agreement": 70.0, "clean - garbled": 1.5})
+    assert [holds for _, holds, _ in rounds.claims(run)] == [True] * 7
+    assert rounds.timings(run) == {  # round 1: the stages a loop needs (not ppo); the comparison stays apart
         "round-1": {"sft": 70, "reward": 40, "cost": 41, "ppo_lag": 80, "evaluate": 30},
         "the rest": {"ppo": 75, "rounds/evaluate": 20},
-        "round-2": {"label": 10, "redteam": 12, "ppo_lag": 85},
+        "round-2": {"label": 10, "redteam": 12, "reward": 20, "ppo_lag": 85},
     }
 
 
 def test_a_failing_claim_is_reported_as_failing(tmp_path):
-    fake_run(tmp_path, last_round_harmful=0.05)  # 5% > 2.5%, and more than round 1's 4%
-    table, agreement = rounds.rates(tmp_path)
-    holds = {claim: ok for claim, ok, _ in rounds.claims(table, agreement)}
-    assert (
-        holds["harmful on harmful prompts after the last round ≤ 2.5%"] is False
-        and holds["... and ≤ round 1's"] is False
-    )
-    assert sum(holds.values()) == 4
+    run = tmp_path / "run"
+    fake_run(run, last_round_harmful=0.05)  # 5% > 2.5%, and more than round 1's 4%
+    holds = {claim: ok for claim, ok, _ in rounds.claims(run)}
+    assert holds["harmful on harmful prompts after the last round ≤ 2.5%"] is False
+    assert holds["... and ≤ round 1's"] is False
+    assert sum(holds.values()) == 5
 
 
 def test_the_script_prints_every_table_and_draws_the_plot(tmp_path):
     for seed, harmful in ((0, 0.02), (1, 0.05)):
         fake_run(tmp_path / f"rounds-s{seed}", harmful)
-    result = subprocess.run(
-        [
-            sys.executable,
-            REPO / "bench" / "rounds.py",
-            tmp_path / "rounds-s0",
-            tmp_path / "rounds-s1",
-            "--plot",
-            tmp_path / "rounds.png",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = [sys.executable, REPO / "bench" / "rounds.py", tmp_path / "rounds-s0", tmp_path / "rounds-s1"]
+    result = subprocess.run(command + ["--plot", tmp_path / "rounds.png"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| mean | **50.0** | **4.0** | **3.5** |" in result.stdout  # harmful: (50+50)/2, (4+4)/2, (2+5)/2
     assert "| harmful on harmful prompts after the last round ≤ 2.5% | 2.0% ✓ | 5.0% ✗ | 1/2 |" in result.stdout
-    assert "| rounds-s0 | 0.00 | 1.50 | -3.00 | -1.00 |" in result.stdout
-    assert "round-2 107 (label 10, redteam 12, ppo_lag 85)" in result.stdout and (tmp_path / "rounds.png").is_file()
+    assert "| new pairs, share of round 1's | 50.0 |" in result.stdout
+    assert "| rounds-s0 | 66.7 | 70.0 | 2.50 | 1.50 |" in result.stdout
+    assert "round-2 127 (label 10, redteam 12, reward 20, ppo_lag 85)" in result.stdout
+    assert (tmp_path / "rounds.png").is_file()

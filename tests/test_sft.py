@@ -111,9 +111,12 @@ def test_accumulation_and_ddp_give_the_same_step(tmp_path):
     initial = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).state_dict()
     moved = max((full[k] - initial[k]).abs().max().item() for k in full)
     assert 1e-4 < moved < 2e-3  # one Adam step (about lr) from the seeded start: agreeing below is meaningful
+    # Adam's first step is lr·g/(|g| + eps): an element whose gradient (nearly) cancels, |g| ≈ eps, moves by a
+    # share of lr that float rounding in the sum order can change, so each tensor's step is compared as a whole
     for name in ("accumulate", "ddp"):
         other = load(name)
-        assert max((full[k] - other[k]).abs().max().item() for k in full) < 1e-5, name
+        worst = max(((full[k] - other[k]).norm() / (full[k] - initial[k]).norm()).item() for k in full)
+        assert worst < 1e-3, name  # 6e-5 measured; weighting the micro-batches wrongly gives percents
     rank0, rank1 = load("ddp", 0), load("ddp", 1)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
