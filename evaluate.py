@@ -608,10 +608,10 @@ def label_answers(records, judge, compare, args, row_names, results):
         preference = call_annotator(compare, args.judge, a, row_names, a["answer"], b["answer"]) if compare else None
         if compare:
             check_preference(preference, args.judge)
+        row = labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin, preference)
+        labelled.append(row)
+        if row is not None and preference is not None:  # a written pair that the pairwise annotator decided
             compared += preference["better_response_id"] is not None or preference["safer_response_id"] is not None
-        labelled.append(
-            labelled_pair(a["prompt"], a["answer"], b["answer"], verdicts(a), verdicts(b), coin, preference)
-        )
     rows = [row for row in labelled if row is not None]
     counts = {"pairs": len(labelled), "written": len(rows), "dropped_no_preference": len(labelled) - len(rows)}
     if compare:  # the pairs in which the pairwise annotator preferred one answer on an axis

@@ -408,7 +408,9 @@ def test_every_pair_of_k_samples_is_labelled_by_the_pairwise_annotator(sft_check
     rows = [json.loads(line) for line in (tmp_path / "out" / "labelled_pairs.jsonl").read_text().splitlines()]
     counts = json.loads((tmp_path / "out" / "results.json").read_text())["labelled_pairs"]
     pairs = [(answers[i + a], answers[i + b]) for i in range(0, 15, 3) for a, b in ((0, 1), (0, 2), (1, 2))]
-    decided = [(a, b) for a, b in pairs if len(a["answer"]) != len(b["answer"])]
+    decided = [
+        (a, b) for a, b in pairs if len(a["answer"]) != len(b["answer"]) and a["answer"].strip() and b["answer"].strip()
+    ]
     assert counts["pairs"] == 15 and counts["preferred_by_compare"] == len(decided) > 0  # all 3 pairs of 3 samples
     kept = [(a, b) for a, b in pairs if (a, b) in decided or a["oracle_harmful"] != b["oracle_harmful"]]
     assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == [
