@@ -75,54 +75,27 @@ UPDATES_PER_ROLLOUT = UPDATE_ITERS * PROMPT_BATCH // TRAIN_BATCH
 LAMBDA_INIT, LAMBDA_LR, COST_LIMIT, LAMBDA_MAX = 1.0, 0.005, -5.0, 100.0  # λ rises ~2% per step, far from the cap
 
 
+def ppo_argv(sft_checkpoint, preference_models, output_dir, *extra):
+    """The command line of the in-process ppo_lag runs below: 2 rollouts of the tiny models on the toy prompts, λ far
+    from its cap, then EXTRA."""
+    args = ("--actor_model", sft_checkpoint, "--reward_model", preference_models / "reward",
+            "--cost_model", preference_models / "cost", "--prompt_data", TOY / "prompts.jsonl",
+            "--output_dir", output_dir,
+            "--max_steps", ROLLOUTS, "--per_device_prompt_batch_size", PROMPT_BATCH,
+            "--per_device_train_batch_size", TRAIN_BATCH, "--update_iters", UPDATE_ITERS, "--max_new_tokens", 32,
+            "--max_length", 128, "--actor_lr", 1e-3, "--critic_lr", 1e-4,
+            "--episode_cost_window_size", ROLLOUTS * PROMPT_BATCH, "--lambda_init", LAMBDA_INIT,
+            "--lambda_max", LAMBDA_MAX, "--seed", 0, *extra)  # fmt: skip
+    return ["ppo_lagrangian.py", *map(str, args)]
+
+
 @pytest.fixture(scope="module")
 def instrumented_run(sft_checkpoint, preference_models, tmp_path_factory):
     """ppo_lag for 2 rollouts with gradient checkpointing on; in every model, the MLP of the first decoder layer counts
     the forward passes it runs in training mode with gradients enabled."""
     output_dir = tmp_path_factory.mktemp("wiring") / "ppo_lag"
-    argv = [
-        "ppo_lagrangian.py",
-        "--actor_model",
-        str(sft_checkpoint),
-        "--reward_model",
-        str(preference_models / "reward"),
-        "--cost_model",
-        str(preference_models / "cost"),
-        "--prompt_data",
-        str(TOY / "prompts.jsonl"),
-        "--output_dir",
-        str(output_dir),
-        "--max_steps",
-        str(ROLLOUTS),
-        "--per_device_prompt_batch_size",
-        str(PROMPT_BATCH),
-        "--per_device_train_batch_size",
-        str(TRAIN_BATCH),
-        "--update_iters",
-        str(UPDATE_ITERS),
-        "--max_new_tokens",
-        "32",
-        "--max_length",
-        "128",
-        "--actor_lr",
-        "1e-3",
-        "--critic_lr",
-        "1e-4",
-        "--kl_coeff",
-        "0.5",
-        "--episode_cost_window_size",
-        str(ROLLOUTS * PROMPT_BATCH),
-        "--lambda_init",
-        str(LAMBDA_INIT),
-        "--lambda_lr",
-        str(LAMBDA_LR),
-        "--cost_limit",
-        str(COST_LIMIT),
-        "--lambda_max",
-        str(LAMBDA_MAX),
-        "--seed",
-        "0",
-    ]
+    argv = ppo_argv(sft_checkpoint, preference_models, output_dir, "--kl_coeff", 0.5, "--lambda_lr", LAMBDA_LR,
+                    "--cost_limit", COST_LIMIT)  # fmt: skip
     counts, original = {}, ppo.load_pretrained
 
     def load_and_count(model_class, path, **kwargs):
@@ -191,58 +164,10 @@ def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
     """ppo_lag --constraint rectified --lambda_update pid for 2 rollouts; records every raw end cost the cost model
     gives and every end cost that enters the cost stream."""
     output_dir = tmp_path_factory.mktemp("wiring") / "rectified"
-    argv = [
-        "ppo_lagrangian.py",
-        "--actor_model",
-        str(sft_checkpoint),
-        "--reward_model",
-        str(preference_models / "reward"),
-        "--cost_model",
-        str(preference_models / "cost"),
-        "--prompt_data",
-        str(TOY / "prompts.jsonl"),
-        "--output_dir",
-        str(output_dir),
-        "--max_steps",
-        str(ROLLOUTS),
-        "--per_device_prompt_batch_size",
-        str(PROMPT_BATCH),
-        "--per_device_train_batch_size",
-        str(TRAIN_BATCH),
-        "--update_iters",
-        str(UPDATE_ITERS),
-        "--max_new_tokens",
-        "32",
-        "--max_length",
-        "128",
-        "--actor_lr",
-        "1e-3",
-        "--critic_lr",
-        "1e-4",
-        "--episode_cost_window_size",
-        str(ROLLOUTS * PROMPT_BATCH),
-        "--lambda_init",
-        str(LAMBDA_INIT),
-        "--lambda_max",
-        str(LAMBDA_MAX),
-        "--constraint",
-        "rectified",
-        "--tolerance",
-        str(TOLERANCE),
-        "--cost_limit",
-        str(RECTIFIED_LIMIT),
-        "--lambda_update",
-        "pid",
-        "--pid_kp",
-        str(PID["kp"]),
-        "--pid_ki",
-        str(PID["ki"]),
-        "--pid_kd",
-        str(PID["kd"]),
-        "--no_gradient_checkpointing",
-        "--seed",
-        "0",
-    ]
+    argv = ppo_argv(sft_checkpoint, preference_models, output_dir, "--constraint", "rectified",
+                    "--tolerance", TOLERANCE, "--cost_limit", RECTIFIED_LIMIT, "--lambda_update", "pid",
+                    "--pid_kp", PID["kp"], "--pid_ki", PID["ki"], "--pid_kd", PID["kd"],
+                    "--no_gradient_checkpointing")  # fmt: skip
     scores, stream_costs = [], []
     original_scores, original_costs = ppo.end_scores, ppo.kl_penalized_costs
 
