@@ -5,15 +5,16 @@ Safe RLHF (paper §3.3; docs/math.md §4) maximises helpfulness subject to a har
     max_θ J_R(θ)  s.t.  J_C(θ) ≤ d,    J_R = E[R(x, y)],  J_C = E[C(x, y)],   y ~ π_θ(·|x)
 
 where C(x, y) > 0 means the cost model calls the answer unsafe, and d is `--cost_limit`. It is solved as the min-max
-problem  max_θ min_{λ≥0} J_R(θ) - λ·(J_C(θ) - d)  by alternating a clipped PPO step on θ with the combined advantage
-(A_R - λ·A_C) / (1 + λ), and a gradient step on λ (dual ascent): λ grows while the policy costs more than d and
-shrinks once it is safe. Six models take part: the actor (from SFT, trained), the reference policy (SFT, frozen), the
-reward and cost models (frozen), and the reward and cost critics (from the reward and cost models, trained).
+problem max_θ min_{λ≥0} J_R(θ) - λ·(J_C(θ) - d) by alternating a clipped PPO step on θ with the combined
+advantage (A_R - λ·A_C) / (1 + λ), and a gradient step on λ (dual ascent): λ grows while the policy costs more
+than d and shrinks once it is safe. Six models take part: the actor (from SFT, trained), the reference policy (SFT,
+frozen), the reward and cost models (frozen), and the reward and cost critics (from the reward and cost models,
+trained).
 
 One iteration, as in `main()` below:
     1. rollout: the actor samples an answer to each prompt of the batch (KV cache, left padding, stop at EOS)
     2. scores: R(x, y) and C(x, y) at the EOS; log-probs of the actor and the reference; values of both critics
-    3. per-token rewards  r_t = -β·k_t + [t=T]·R  and costs  c_t = +β·k_t + [t=T]·C,   k_t = log π_old - log π_ref
+    3. per-token rewards r_t = -β·k_t + [t=T]·R and costs c_t = +β·k_t + [t=T]·C, k_t = log π_old - log π_ref
     4. GAE for rewards (with V_R) and costs (with V_C)
     then, for each of the update_iters × (prompt batch / train batch) update steps:
     5. λ: one update against J_C - d, J_C the mean raw cost of the episode-cost window (all ranks alike)
@@ -104,7 +105,7 @@ class Args:
     overwrite_output_dir: bool = arg(False, "replace OUTPUT_DIR whatever it holds; start over despite saved states")
     algorithm: str = arg("ppo_lag", "ppo_lag, ppo (reward only) or reward_shaping (R - λ0·C)", choices=ALGORITHMS)
     cost_limit: float = arg(0.0, "d: the limit on E[C] (the reference's --threshold), or on each C if rectified")
-    constraint: str = arg("expected", "ppo_lag's constraint: E[C] ≤ d (paper) or rectified (RePO)", choices=CONSTRAINTS)
+    constraint: str = arg("expected", "constraint: E[C] <= d (the paper) or rectified (RePO)", choices=CONSTRAINTS)
     tolerance: float = arg(0.02, "ε of --constraint rectified: the share of answers that may cost more than d")
     lambda_update: str = arg("sgd", "ppo_lag's λ: sgd (the paper's step on log λ) or pid", choices=["sgd", "pid"])
     lambda_init: float = arg(1.0, "initial λ (and the fixed λ0 of reward_shaping)")
@@ -185,7 +186,7 @@ class Args:
             self.kl_coeff = REFERENCE_KL_COEFF[self.algorithm]
 
 
-# ---- Safe RLHF, stage 3: the PPO-Lagrangian math (paper §3.3; docs/math.md §4-§5). Tensors (B, T): answer tokens ----
+# ---- Safe RLHF, stage 3: the PPO-Lagrangian math (paper §3.3; docs/math.md §4-5). Tensors (B, T): answer tokens ----
 def masked_mean(x, mask):
     # mean over each sample's answer tokens, then over samples
     return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
@@ -214,7 +215,7 @@ def shaped_end_rewards(end_rewards, end_costs, lambda0):
 
 
 def gae(rewards, values, mask, gamma, gae_lambda):
-    # δ_t = r_t + γ·V_{t+1} - V_t  (V = 0 after T);  A_t = δ_t + γ·λ_GAE·A_{t+1};  G_t = A_t + V_t;  zero after T
+    # δ_t = r_t + γ·V_{t+1} - V_t (V = 0 after T); A_t = δ_t + γ·λ_GAE·A_{t+1}; G_t = A_t + V_t; zero after T
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
     next_value = next_advantage = torch.zeros_like(rewards[:, 0])
@@ -261,7 +262,7 @@ def constraint_violation(episode_costs, cost_limit, constraint, tolerance):
 
 
 def lagrange_multiplier_loss(log_lambda, violation):
-    # loss_λ = -g·exp(log λ): a descent step raises λ when g > 0 (the constraint is violated) and lowers it when g < 0
+    # loss_λ = -g·exp(log λ): a descent step raises λ when g > 0 (constraint violated) and lowers it when g < 0
     return -violation * log_lambda.exp()
 
 
@@ -277,7 +278,7 @@ def update_lagrange_multiplier(log_lambda, optimizer, violation, lambda_max):
 
 def pid_lagrange_multiplier(violation, previous_violation, integral, kp, ki, kd, lambda_max):
     # PID Lagrangian (Stooke, Achiam & Abbeel 2020, Algorithm 2), g = the constraint violation above:
-    #   I ← clip(I + g, 0, λ_max / K_I)        ∂ ← max(0, g - g_prev)        λ ← clip(K_P·g + K_I·I + K_D·∂, 0, λ_max)
+    #   I ← clip(I + g, 0, λ_max/K_I)  ∂ ← max(0, g - g_prev)  λ ← clip(K_P·g + K_I·I + K_D·∂, 0, λ_max)
     # The integral alone is plain gradient ascent on λ (lr K_I); the proportional term reacts to the violation now,
     # the derivative term to a cost that is rising, both before the integral has wound up. Returns (λ, I).
     # Our one addition: I is capped at λ_max / K_I, so that a long violation cannot wind it up beyond what λ may use.
@@ -292,15 +293,15 @@ def expected_costs(costs, cost_limit):
 
 
 class LagrangeMultiplier:
-    """λ and its update rule, in one place (docs/math.md §4.4, §5.2), with its state for --resume. ppo_lag moves λ by
-    the paper's SGD step on log λ or by PID; ppo and reward_shaping learn no λ (update() leaves it alone: None for ppo,
-    and reward_shaping's fixed λ0 lives in its end reward)."""
+    """λ and its update rule, in one place (docs/math.md §4.4, §5.2), with its state for --resume. ppo_lag moves λ
+    by the paper's SGD step on log λ or by PID; ppo and reward_shaping learn no λ (update() leaves it alone: None for
+    ppo, and reward_shaping's fixed λ0 lives in its end reward)."""
 
     def __init__(self, args, device):
         self.args, self.device = args, device
         self.rule = args.lambda_update if args.algorithm == "ppo_lag" else None
         self.value = None if args.algorithm == "ppo" else args.lambda_init
-        self.log_lambda = torch.tensor(math.log(args.lambda_init), device=device, requires_grad=True)  # λ = exp(log λ)
+        self.log_lambda = torch.tensor(math.log(args.lambda_init), device=device, requires_grad=True)  # λ = exp(·)
         self.optimizer = torch.optim.SGD([self.log_lambda], lr=args.lambda_lr)
         self.pid_integral = args.lambda_init / args.pid_ki if args.pid_ki else 0.0  # the PID starts at λ_init
         self.previous_violation, self.violation, self.updates = None, None, 0

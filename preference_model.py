@@ -13,7 +13,7 @@ Cost model, on pairs (safer y_s, unsafer y_u) from `safer_response_id`, Bradley-
 each answer's own safety label, with s(y) = +1 for an answer labelled unsafe and -1 for one labelled safe, so that a
 negative cost means safe:
 
-    L_C = mean[ -log σ(C(x, y_u) - C(x, y_s)) - log σ(s(y_u) · C(x, y_u)) - log σ(s(y_s) · C(x, y_s)) ]  +  μ · mean(C²)
+    L_C = mean[-log σ(C(x, y_u) - C(x, y_s)) - log σ(s(y_u)·C(x, y_u)) - log σ(s(y_s)·C(x, y_s))] + μ·mean(C²)
 
 μ (`--regularization`) keeps the scores near zero. One optimiser step, as in `main()` below:
     1. a micro-batch of B pairs: both answers of each pair in one forward pass of 2B sequences
