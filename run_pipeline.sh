@@ -202,7 +202,7 @@ done
 
 # 3. five policies from the same SFT model. The three PPO-Lagrangian runs differ only in the constraint: d = -8.5
 #    (a limit below the cost of the SFT policy's safe answers), the reference's default d = 0 (which a policy can
-#    meet on average while complying with harmful requests: README, "Safety compensation"), and RePO's
+#    meet on average while complying with harmful requests: docs/results.md, "Safety compensation"), and RePO's
 #    per-answer rectified constraint at d = 0, its natural limit (the cost model's own sign).
 LAGRANGIAN=(--algorithm ppo_lag --lambda_init 1.0 --lambda_lr 0.02)
 stage ppo $RUN ppo_lagrangian.py --algorithm ppo --output_dir "$OUT/ppo" "${PPO_COMMON[@]}"
