@@ -177,7 +177,7 @@ class Args:
         require(self, "seed", lambda v: 0 <= v < 2**31, "in [0, 2^31)")
         lagrangian = self.algorithm == "ppo_lag"  # only PPO-Lagrangian has a constraint and learns λ
         require(self, "constraint", lambda v: v == "expected" or lagrangian, "expected unless --algorithm ppo_lag")
-        require(self, "tolerance", lambda v: 0 <= v < 1, "in [0, 1) (a share of answers)")
+        require(self, "tolerance", lambda v: 0 < v < 1, "in (0, 1) (a share of answers)")
         require(self, "lambda_update", lambda v: v == "sgd" or lagrangian, "sgd unless --algorithm ppo_lag")
         require(self, "pid_ki", lambda v: v > 0 or self.lambda_update == "sgd", "positive with --lambda_update pid")
         batch = self.per_device_prompt_batch_size
@@ -254,11 +254,11 @@ def rectified_costs(costs, cost_limit):
 def constraint_violation(episode_costs, cost_limit, constraint, tolerance):
     # expected:   g = J_C - d = mean(C) - d      (paper §3.3: negative once the policy is safe on average, so very safe
     #                                             answers can pay for harmful ones: "safety compensation")
-    # rectified:  g = mean(1[C > d]) - ε         (the share of answers over the limit, less the share ε they may have:
-    #                                             negative once few enough cross d, whatever the scale of C; §5.1)
+    # rectified:  g = (mean(1[C > d]) - ε) / ε   (the share of answers over the limit, less the share ε they may have,
+    #                                             in units of ε: -1 when none crosses d, whatever the scale of C; §5.1)
     if constraint == "expected":
         return episode_costs.mean() - cost_limit
-    return (episode_costs > cost_limit).float().mean() - tolerance
+    return ((episode_costs > cost_limit).float().mean() - tolerance) / tolerance
 
 
 def lagrange_multiplier_loss(log_lambda, violation):

@@ -140,17 +140,27 @@ PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "
             --kl_coeff 0.05 --episode_cost_window_size 64 "${COMMON[@]}")
 JUDGE=()
 if [ "$JUDGE_SPEC" != none ]; then JUDGE=(--judge "$JUDGE_SPEC"); fi
-# later rounds (docs/rounds.md, decided before any run): K_SAMPLES answers per prompt, all K(K-1)/2 = 6 pairs of them;
-# LABEL_PROMPTS fresh prompts, so that a round labels up to half as many pairs as round 1 has (|D1| / 12 prompts x 6);
+# later rounds (docs/rounds.md, decided before any run): each labels as many pairs as round 1 has (|D1|) before the
+# judge's ties are dropped: LABEL_PROMPTS distinct prompts (|D1| / 6, or every distinct prompt if there are fewer),
+# K_SAMPLES answers to each (the smallest K >= 4 with LABEL_PROMPTS x K(K-1)/2 >= |D1|, at most 16), all their pairs;
 # REDTEAM_SEARCH red-team prompts searched per round; the later rounds' limit: the rectified constraint at d = 0
-K_SAMPLES=4
-LABEL_PROMPTS=$(( ($(grep -c '[^[:space:]]' "$DATA/preference_train.jsonl") + 11) / 12 ))
+D1=$(grep -c '[^[:space:]]' "$DATA/preference_train.jsonl")
+DISTINCT=$(python3 -c 'import json, sys
+print(len({json.loads(line)["prompt"] for line in open(sys.argv[1], encoding="utf-8") if line.strip()}))' "$DATA/prompts.jsonl")
+label_sizing() {  # label_sizing D1 DISTINCT: sets LABEL_PROMPTS and K_SAMPLES by the rule above
+  LABEL_PROMPTS=$(( ($1 + 5) / 6 < $2 ? ($1 + 5) / 6 : $2 )); K_SAMPLES=4
+  while (( K_SAMPLES < 16 && LABEL_PROMPTS * K_SAMPLES * (K_SAMPLES - 1) / 2 < $1 )); do K_SAMPLES=$(( K_SAMPLES + 1 )); done
+}
+label_sizing "$D1" "$DISTINCT"
 REDTEAM_SEARCH=200
 RECTIFIED=(--constraint rectified --cost_limit 0 --tolerance 0.02)
-if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; REDTEAM_SEARCH=8; fi
-rows() {  # rows FILE START COUNT: COUNT rows of a .jsonl file from row START on (from 0), cycling over the file
-  python3 -c 'import sys
-rows = [line for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
+if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; K_SAMPLES=4; REDTEAM_SEARCH=8; fi
+rows() {  # rows FILE START COUNT: COUNT rows of a .jsonl file from row START on (from 0), cycling over its distinct
+  python3 -c 'import json, sys  # prompts (the first row of each; evaluate.py answers a prompt once, K times)
+rows = {}
+for line in open(sys.argv[1], encoding="utf-8"):
+    rows.setdefault(json.loads(line)["prompt"], line) if line.strip() else None
+rows = list(rows.values())
 start, count = int(sys.argv[2]), int(sys.argv[3])
 sys.stdout.write("".join(rows[(start + i) % len(rows)] for i in range(count)))' "$@"
 }

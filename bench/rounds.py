@@ -110,7 +110,11 @@ def new_data(run):
         for models in ("new", "previous"):
             scores = (read_json(run, f"{name}/new_pairs_{models}/results.json") or {}).get("score_models", {})
             accuracy[models] = {o: 100 * scores[o]["accuracy"] for o in scores}
+        samples = (read_json(run, f"{name}/label/args.json") or {}).get("samples_per_prompt")
+        labelled = read_lines(run, f"{name}/label_prompts.jsonl") or []
         data[name] = {
+            "fresh prompts labelled (distinct)": len({row["prompt"] for row in labelled}),
+            "answers per prompt (K)": samples,
             "fresh pairs": label["written"],
             "fresh pairs the pairwise annotator decided": label.get("preferred_by_compare", 0),
             "fresh pairs dropped (no preference)": label["dropped_no_preference"],

@@ -149,9 +149,13 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     stages = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
     assert stages[9:] == ROUND_2
     round_2 = out / "round-2"
-    # 1. fresh prompts: the next rows of prompts.jsonl; 4 answers of round 1's policy to each, all 6 pairs labelled
+    # 1. fresh prompts: the next distinct prompts of prompts.jsonl (the first row of each); 4 answers of round 1's
+    #    policy to each (--smoke; the rule is tested below), all 6 pairs labelled
     prompts = (data / "prompts.jsonl").read_text().splitlines()
-    assert (round_2 / "label_prompts.jsonl").read_text().splitlines() == prompts[:8]
+    first_rows = {}
+    for line in prompts:
+        first_rows.setdefault(json.loads(line)["prompt"], line)
+    assert (round_2 / "label_prompts.jsonl").read_text().splitlines() == list(first_rows.values())[:8]
     label_args = json.loads((round_2 / "label" / "args.json").read_text())
     assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 4
     labelled = json.loads((round_2 / "label" / "results.json").read_text())["labelled_pairs"]
@@ -209,6 +213,31 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     report = (out / "rounds" / "report.md").read_text()
     assert "| red-team prompts found (answered harmfully) |" in report and "### The claims, run by run" in report
     assert report.splitlines()[2] in result.stdout
+
+
+@pytest.mark.parametrize(
+    "pairs_in_round_1, distinct_prompts, label_prompts, samples",
+    [
+        (4000, 1000, 667, 4),  # toy: |D1| / 6 prompts, 4 answers each, 667 x 6 = 4,002 pairs >= 4,000
+        (4000, 60, 60, 13),  # toy_small: all 60 prompts; 60 x 12·13/2 = 4,680 >= 4,000 > 60 x 11·12/2 = 3,960
+        (100, 10, 10, 5),  # 10 x 10 = 100 >= 100 > 10 x 6
+        (4000, 2, 2, 16),  # too few prompts: K stops at 16 (2 x 120 pairs)
+    ],
+)
+def test_a_later_round_labels_as_many_pairs_as_round_1_has(pairs_in_round_1, distinct_prompts, label_prompts, samples):
+    """The rule of docs/rounds.md, run from run_pipeline.sh itself: LABEL_PROMPTS = min(⌈|D1| / 6⌉, distinct prompts),
+    K_SAMPLES = the smallest K ≥ 4 with LABEL_PROMPTS · K(K-1)/2 ≥ |D1|, at most 16."""
+    script = (REPO / "run_pipeline.sh").read_text()
+    start = script.index("label_sizing() {")
+    function = script[start : script.index("\n}\n", start) + 3]
+    call = f'label_sizing {pairs_in_round_1} {distinct_prompts}; echo "$LABEL_PROMPTS $K_SAMPLES"'
+    result = subprocess.run(
+        ["bash", "-c", function + call],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == [str(label_prompts), str(samples)]
 
 
 def test_the_pipeline_has_no_setting_that_differs_between_the_worlds(smoke_runs):

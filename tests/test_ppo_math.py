@@ -151,30 +151,32 @@ def test_rectified_costs_by_hand():
 
 def test_safety_compensation_hides_harm_from_the_expected_constraint_but_not_from_the_rectified_one():
     # two harmful answers (C = +3) and four very safe ones (C = -6): the mean is -3 <= d = 0, so the expected
-    # constraint is met (g = -3 lowers λ); the rectified one counts the share over d: g = 2/6 - 0.02 (raises λ)
+    # constraint is met (g = -3 lowers λ); the rectified one counts the share over d, in units of ε:
+    # g = (2/6 - 0.02) / 0.02 (raises λ)
     costs = torch.tensor([3.0, 3.0, -6.0, -6.0, -6.0, -6.0])
     assert ppo.constraint_violation(costs, 0.0, "expected", 0.02).item() == pytest.approx(-3.0)
-    assert ppo.constraint_violation(costs, 0.0, "rectified", 0.02).item() == pytest.approx(2 / 6 - 0.02)
+    assert ppo.constraint_violation(costs, 0.0, "rectified", 0.02).item() == pytest.approx((2 / 6 - 0.02) / 0.02)
     log_lambda = torch.tensor(0.0, requires_grad=True)
     optimizer = torch.optim.SGD([log_lambda], lr=0.1)
     violation = ppo.constraint_violation(costs, 0.0, "rectified", 0.02)
     assert ppo.update_lagrange_multiplier(log_lambda, optimizer, violation, 5.0) == pytest.approx(
-        math.exp(0.1 * (2 / 6 - 0.02))
+        math.exp(0.1 * (2 / 6 - 0.02) / 0.02)
     )
 
 
 def test_the_rectified_violation_goes_negative_once_few_enough_answers_cross_d():
-    # g = share of answers with C > d, less ε: 1 of 100 over d = 0 with ε = 2% gives g = -0.01, and λ comes down;
+    # g = (share of answers with C > d, less ε) / ε: 1 of 100 over d = 0 with ε = 2% gives g = -0.5, λ comes down;
     # an answer exactly at d does not cross it; the scale of C does not matter, only which side of d it is on
     costs = torch.cat([torch.tensor([0.5]), torch.full((98,), -3.0), torch.tensor([0.0])])
-    assert ppo.constraint_violation(costs, 0.0, "rectified", 0.02).item() == pytest.approx(0.01 - 0.02)
-    assert ppo.constraint_violation(costs * 40, 0.0, "rectified", 0.02).item() == pytest.approx(-0.01)
-    assert ppo.constraint_violation(costs, -4.0, "rectified", 0.0).item() == pytest.approx(1.0)  # all over d = -4
+    assert ppo.constraint_violation(costs, 0.0, "rectified", 0.02).item() == pytest.approx((0.01 - 0.02) / 0.02)
+    assert ppo.constraint_violation(costs * 40, 0.0, "rectified", 0.02).item() == pytest.approx(-0.5)
+    assert ppo.constraint_violation(costs, -4.0, "rectified", 0.5).item() == pytest.approx(1.0)  # all over d = -4
+    assert ppo.constraint_violation(costs - 9, 0.0, "rectified", 0.02).item() == pytest.approx(-1.0)  # none over d
     log_lambda = torch.tensor(math.log(2.0), requires_grad=True)
     optimizer = torch.optim.SGD([log_lambda], lr=1.0)
     violation = ppo.constraint_violation(costs, 0.0, "rectified", 0.02)
     assert ppo.update_lagrange_multiplier(log_lambda, optimizer, violation, 5.0) == pytest.approx(
-        2.0 * math.exp(1.0 * 2.0 * -0.01)  # log λ ← log λ + lr·λ·g: λ 2 → 1.96
+        2.0 * math.exp(1.0 * 2.0 * -0.5)  # log λ ← log λ + lr·λ·g: λ 2 → 2·e⁻¹ = 0.74
     )
 
 

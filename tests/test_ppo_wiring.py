@@ -200,11 +200,12 @@ def test_rectified_constraint_feeds_max_0_c_minus_d_to_the_cost_stream(rectified
         assert torch.allclose(streamed, (raw - RECTIFIED_LIMIT).clamp(min=0))
     everything = torch.cat(raw_costs)
     assert (everything > RECTIFIED_LIMIT).any() and (everything < RECTIFIED_LIMIT).any()  # both sides of d occur
-    # the violation that moves λ is the window's share of answers over d, less ε (not its mean cost minus d)
+    # the violation that moves λ is the window's share of answers over d, less ε, in units of ε (not its mean cost
+    # minus d)
     for k, row in enumerate(metrics):
         window = torch.cat(raw_costs[: k + 1])
         share = (window > RECTIFIED_LIMIT).float().mean().item()
-        assert row["lagrange/violation"] == pytest.approx(share - TOLERANCE, rel=1e-5)
+        assert row["lagrange/violation"] == pytest.approx((share - TOLERANCE) / TOLERANCE, rel=1e-5)
         assert row["objective/episode_cost"] == pytest.approx(window.mean().item(), rel=1e-5)
 
 
