@@ -847,7 +847,7 @@ def load_models(args, tokenizer, device, use_bf16):
         model.config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         for model in trained_backbones:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
     actor = wrap_trained_model(actor, device, args.fsdp, use_bf16)
     critics = {stream: wrap_trained_model(critic, device, args.fsdp, use_bf16) for stream, critic in critics.items()}
     reference, reward_model, cost_model = (
@@ -1249,6 +1249,16 @@ def load_pretrained(model_class, name_or_path, **kwargs):
             f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
             f"the hub): {' '.join(str(error).split())}"
         ) from None
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute). transformers 5 names it activation_checkpointing_enable (gradient_checkpointing_enable is its
+    deprecated alias, gone in 6); transformers 4 has only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def start_tracker(report_to, partial, args):

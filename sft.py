@@ -341,7 +341,7 @@ def load_model(args, tokenizer, device, use_bf16):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return wrap_trained_model(model, device, args.fsdp, use_bf16)
 
 
@@ -706,6 +706,16 @@ def load_pretrained(model_class, name_or_path, **kwargs):
             f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
             f"the hub): {' '.join(str(error).split())}"
         ) from None
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute). transformers 5 names it activation_checkpointing_enable (gradient_checkpointing_enable is its
+    deprecated alias, gone in 6); transformers 4 has only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def start_tracker(report_to, partial, args):

@@ -64,6 +64,33 @@ def test_alpaca_rows_are_accepted():
     assert pairs == [("Add 2 and 3", "5"), ("Hi", "Hello")]
 
 
+def test_activation_checkpointing_recomputes_each_layer_and_changes_no_gradient(monkeypatch):
+    """--gradient_checkpointing (on by default) through enable_activation_checkpointing: each decoder layer's MLP runs
+    again in the backward pass, and the gradients are those of the plain model."""
+    config = AutoConfig.from_pretrained(TINY_LLAMA)
+    input_ids = torch.randint(3, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    gradients, forwards = [], []
+    for checkpointing in (False, True):
+        set_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.train()
+        if checkpointing:
+            sft.enable_activation_checkpointing(model)
+        calls, mlp_class = [], type(model.model.layers[0].mlp)  # (module hooks do not fire on the recomputation)
+        monkeypatch.setattr(
+            mlp_class,
+            "forward",
+            lambda self, x, forward=mlp_class.forward, calls=calls: calls.append(1) or forward(self, x),
+        )
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        monkeypatch.undo()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        forwards.append(len(calls))
+    layers = config.num_hidden_layers
+    assert forwards == [layers, 2 * layers]  # every layer recomputed once in the backward pass, only when checkpointing
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
 def test_accumulation_and_ddp_give_the_same_step(tmp_path):
     """One optimiser step over the same global batch of 8: (1 process, 1 micro-step of 8),
     (1 process, 4 micro-steps of 2), (2 processes, 2 micro-steps of 2) give the same parameters."""
