@@ -17,7 +17,6 @@ warm-up step to the end of the last step (after a CUDA synchronise). Throughput 
 """
 
 import argparse
-import math
 import shutil
 import time
 from pathlib import Path
@@ -28,12 +27,14 @@ from common import (
     common_arguments,
     free_memory,
     median,
+    optimiser_flags,
     patched,
     report,
     run_main,
     save_record,
     sft_checkpoint,
     sync,
+    trainer_optimiser,
 )
 from torch.utils.data import DistributedSampler
 
@@ -78,20 +79,7 @@ def run_ours(args, model_dir, run_dir):
         1,
         "--max_length",
         args.max_length,
-        "--lr",
-        args.lr,
-        "--weight_decay",
-        0.0,
-        "--adam_beta1",
-        0.9,
-        "--adam_beta2",
-        0.95,
-        "--max_grad_norm",
-        1.0,
-        "--lr_scheduler",
-        "cosine",
-        "--lr_warmup_ratio",
-        0.03,
+        *optimiser_flags(args.lr),
         "--regularization",
         REGULARIZATION,
         "--no_gradient_checkpointing",
@@ -123,15 +111,7 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
         max_steps=total,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(0.03 * total),
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
+        **trainer_optimiser(args.lr, total),
         bf16=args.bf16,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),

@@ -18,7 +18,6 @@ steps / that time. The sides alternate, --repeats times each; the median of each
 """
 
 import argparse
-import math
 import shutil
 import time
 from pathlib import Path
@@ -34,11 +33,13 @@ from common import (
     device,
     free_memory,
     median,
+    optimiser_flags,
     patched,
     report,
     run_main,
     save_record,
     sync,
+    trainer_optimiser,
 )
 from torch.utils.data import DistributedSampler
 
@@ -78,20 +79,7 @@ def run_ours(args, model_dir, run_dir):
         1,
         "--max_length",
         args.max_length,
-        "--lr",
-        args.lr,
-        "--weight_decay",
-        0.0,
-        "--adam_beta1",
-        0.9,
-        "--adam_beta2",
-        0.95,
-        "--max_grad_norm",
-        1.0,
-        "--lr_scheduler",
-        "cosine",
-        "--lr_warmup_ratio",
-        0.03,
+        *optimiser_flags(args.lr),
         "--no_gradient_checkpointing",
         "--logging_steps",
         1,
@@ -130,15 +118,7 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
         max_steps=total,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(0.03 * total),
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
+        **trainer_optimiser(args.lr, total),
         bf16=args.bf16,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),

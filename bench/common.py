@@ -4,6 +4,7 @@ never into the repository."""
 
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -45,6 +46,20 @@ SIZES = {
 }
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM5 dense bf16 peak (NVIDIA data sheet), the MFU denominator
+
+
+# The optimiser both sides of a throughput benchmark use (the reference's scripts/*.sh): AdamW, betas (0.9, 0.95),
+# eps 1e-8, no weight decay, gradient clipping at 1.0, cosine schedule with 3% warm-up. As our scripts' flags:
+def optimiser_flags(lr):
+    return ["--lr", lr, "--weight_decay", 0.0, "--adam_beta1", 0.9, "--adam_beta2", 0.95, "--max_grad_norm", 1.0,
+            "--lr_scheduler", "cosine", "--lr_warmup_ratio", 0.03]  # fmt: skip
+
+
+# ... and as TRL / transformers TrainingArguments keywords, for a run of total_steps optimiser steps
+def trainer_optimiser(lr, total_steps):
+    return dict(learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.03 * total_steps),
+                weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
+                optim="adamw_torch")  # fmt: skip
 
 
 def device():
