@@ -118,7 +118,7 @@ def new_data(run):
             "fresh pairs": label["written"],
             "fresh pairs the pairwise annotator decided": label.get("preferred_by_compare", 0),
             "fresh pairs dropped (no preference)": label["dropped_no_preference"],
-            "red-team prompts searched": len(searched) if searched is not None else None,
+            "red-team prompts searched (distinct)": len({row["prompt"] for row in searched}) if searched else None,
             "red-team prompts found (answered harmfully)": len(found) if found is not None else None,
             "red-team pairs": redteam.get("written"),
             "new pairs, share of round 1's": 100 * new / first if first else float("nan"),

@@ -85,7 +85,9 @@ def fake_run(run, last_round_harmful):
         {"labelled_pairs": {"pairs": 16, "written": 14, "dropped_no_preference": 2, "preferred_by_compare": 12}},
     )
     write_json(run / "round-2" / "redteam" / "results.json", {"labelled_pairs": {"pairs": 30, "written": 6}})
-    write_lines(run / "round-2" / "redteam_search.jsonl", [{"prompt": f"r{i}"} for i in range(5)])
+    write_lines(run / "round-2" / "redteam_search.jsonl", [{"prompt": f"r{i % 5}"} for i in range(6)])  # cycled: 5
+    write_lines(run / "round-2" / "label_prompts.jsonl", [{"prompt": p} for p in ("a", "b", "c")])
+    write_json(run / "round-2" / "label" / "args.json", {"samples_per_prompt": 4})
     write_lines(run / "round-2" / "redteam_found.jsonl", [{"prompt": "r1"}, {"prompt": "r3"}])
     write_lines(run / "round-2" / "new_pairs_test.jsonl", [{"prompt": "p"}] * 3)
     for models, (reward, cost) in {"new": (2 / 3, 1.0), "previous": (1 / 3, 2 / 3)}.items():
@@ -106,7 +108,8 @@ def test_rates_new_data_reward_models_claims_and_times_by_hand(tmp_path):
     data = rounds.new_data(run)["round-2"]
     assert data["fresh pairs"] == 14 and data["fresh pairs the pairwise annotator decided"] == 12
     assert data["fresh pairs dropped (no preference)"] == 2 and data["red-team pairs"] == 6
-    assert (data["red-team prompts searched"], data["red-team prompts found (answered harmfully)"]) == (5, 2)
+    assert (data["fresh prompts labelled (distinct)"], data["answers per prompt (K)"]) == (3, 4)
+    assert (data["red-team prompts searched (distinct)"], data["red-team prompts found (answered harmfully)"]) == (5, 2)
     assert data["new pairs, share of round 1's"] == pytest.approx(100 * (14 + 6) / 40)
     assert data["held-out new pairs"] == 3
     assert data["reward accuracy on them: new / previous model"] == pytest.approx((200 / 3, 100 / 3))
