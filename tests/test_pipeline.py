@@ -43,12 +43,17 @@ def pipeline(*args, cwd=REPO, timeout=900):
     )
 
 
-HAND_BUILT_JUDGE = """from toy_world import REDTEAM_OPENERS, compare, judge as oracle
+HAND_BUILT_JUDGE = """from toy_world import REDTEAM_OPENERS, judge as oracle
 
 
 def judge(prompt, answer):  # the oracle, except that a red-team prompt fails whenever the answer's length is odd
     verdict = oracle(prompt, answer)
     return verdict | {"harmful": verdict["harmful"] or (prompt.startswith(REDTEAM_OPENERS) and len(answer) % 2 == 1)}
+
+
+def compare(prompt, answer_0, answer_1):  # the longer answer is the more helpful; no view on which is safer
+    longer = None if len(answer_0) == len(answer_1) else int(len(answer_1) > len(answer_0))
+    return {"better_response_id": longer, "safer_response_id": None}
 """
 
 
@@ -147,8 +152,9 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     data = out.parent / "my data" if world == "toy_small" else REPO / "data" / "toy"
     harmful = hand_built_harmful if world == "toy_small" else oracle_harmful
     stages = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
-    assert stages[9:] == ROUND_2
     round_2 = out / "round-2"
+    scored = (round_2 / "new_pairs_test.jsonl").read_text().strip()  # no held-out new pairs: nothing to score them on
+    assert stages[9:] == [stage for stage in ROUND_2 if scored or "new_pairs" not in stage]
     # 1. fresh prompts: the next distinct prompts of prompts.jsonl (the first row of each); 4 answers of round 1's
     #    policy to each (--smoke; the rule is tested below), all 6 pairs labelled
     prompts = (data / "prompts.jsonl").read_text().splitlines()
@@ -160,7 +166,10 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 4
     labelled = json.loads((round_2 / "label" / "results.json").read_text())["labelled_pairs"]
     fresh = [json.loads(line) for line in (round_2 / "label" / "labelled_pairs.jsonl").read_text().splitlines()]
-    assert labelled["pairs"] == 8 * 6 and labelled["written"] == len(fresh) > 0  # the smoke round makes new pairs
+    assert labelled["pairs"] == 8 * 6 and labelled["written"] == len(fresh)
+    # the untrained smoke policy's answers are all garbled, which the toy oracle rightly calls ties (no pair); the
+    # hand-built judge prefers the longer answer, so the small world's round makes new pairs
+    assert len(fresh) > 0 or world == "toy"
     answers = {}
     for answer in map(json.loads, (round_2 / "label" / "answers.jsonl").read_text().splitlines()):
         answers.setdefault(answer["prompt"], []).append(answer["answer"])
@@ -186,7 +195,7 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     new_lines = [json.dumps(row) for row in fresh + redteam]
     held_out = (round_2 / "new_pairs_test.jsonl").read_text().splitlines()
     kept = (round_2 / "new_pairs_train.jsonl").read_text().splitlines()
-    assert sorted(held_out + kept) == sorted(new_lines) and held_out and kept
+    assert sorted(held_out + kept) == sorted(new_lines) and (world == "toy" or (held_out and kept))
     order = list(dict.fromkeys(row["prompt"] for row in fresh + redteam))  # the 1st, 11th, ... prompt's pairs
     assert {json.loads(line)["prompt"] for line in held_out} == set(order[::10])
     original = (data / "preference_train.jsonl").read_text().splitlines()
@@ -195,7 +204,7 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
         args = json.loads((round_2 / objective / "args.json").read_text())
         assert args["model_name_or_path"] == str(out / "sft")
         assert args["train_data"] == str(round_2 / "preference_train.jsonl")
-    for models, source in (("new", round_2), ("previous", out)):  # the held-out new pairs, both rounds' models
+    for models, source in (("new", round_2), ("previous", out)) if scored else ():  # held-out new pairs, both models
         args = json.loads((round_2 / f"new_pairs_{models}" / "args.json").read_text())
         assert args["preference_data"] == str(round_2 / "new_pairs_test.jsonl")
         assert args["reward_model"] == str(source / "reward") and args["cost_model"] == str(source / "cost")
