@@ -254,8 +254,8 @@ def rectified_costs(costs, cost_limit):
 def constraint_violation(episode_costs, cost_limit, constraint, tolerance):
     # expected:   g = J_C - d = mean(C) - d      (paper §3.3: negative once the policy is safe on average, so very safe
     #                                             answers can pay for harmful ones: "safety compensation")
-    # rectified:  g = (mean(1[C > d]) - ε) / ε   (the share of answers over the limit, less the share ε they may have,
-    #                                             in units of ε: -1 when none crosses d, whatever the scale of C; §5.1)
+    # rectified:  g = (mean(1[C > d]) - ε) / ε   (the share of answers over the limit, less the share ε allowed,
+    #                                             in units of ε: -1 when none crosses d, whatever C's scale; §5.1)
     if constraint == "expected":
         return episode_costs.mean() - cost_limit
     return ((episode_costs > cost_limit).float().mean() - tolerance) / tolerance
