@@ -12,10 +12,11 @@
 #                                        (at most 2% of them)                              -> OUT/ppo_lag_rectified
 #   4. evaluation   all six policies answer the held-out prompts; the reward and cost models (and, on the toy
 #                   worlds, their oracle judge) judge every answer                            -> OUT/eval
-#   5. rounds 2..N  (--rounds N, paper §4 and docs/rounds.md) the current policy answers fresh prompts 4 times each,
-#                   the judge labels all 6 pairs of each prompt's answers, red-team prompts the policy fails on are
-#                   found, new reward and cost models learn every pair so far, and PPO-Lagrangian (the rectified
-#                   constraint) starts again from the current policy                        -> OUT/round-K
+#   5. rounds 2..N  (--rounds N, paper §4 and docs/rounds.md) the current policy answers fresh prompts K times each,
+#                   the judge labels every pair of each prompt's answers (pass after pass until a quarter of round
+#                   1's number of pairs is not a tie), red-team prompts the policy fails on are found, new reward
+#                   and cost models learn every pair so far, and PPO-Lagrangian (the rectified constraint) starts
+#                   again from the current policy                                            -> OUT/round-K
 #                   then SFT and every round side by side                                   -> OUT/rounds
 #
 # Usage:
@@ -145,16 +146,32 @@ if [ "$JUDGE_SPEC" != none ]; then JUDGE=(--judge "$JUDGE_SPEC"); fi
 # K_SAMPLES answers to each (the smallest K >= 4 with LABEL_PROMPTS x K(K-1)/2 >= |D1|, at most 16), all their pairs;
 # REDTEAM_SEARCH red-team prompts searched per round; the later rounds' limit: the rectified constraint at d = 0
 D1=$(grep -c '[^[:space:]]' "$DATA/preference_train.jsonl")
-DISTINCT=$(python3 -c 'import json, sys
-print(len({json.loads(line)["prompt"] for line in open(sys.argv[1], encoding="utf-8") if line.strip()}))' "$DATA/prompts.jsonl")
+distinct() {  # distinct FILE: how many distinct prompts a .jsonl file holds
+  python3 -c 'import json, sys
+print(len({json.loads(line)["prompt"] for line in open(sys.argv[1], encoding="utf-8") if line.strip()}))' "$1"
+}
+DISTINCT=$(distinct "$DATA/prompts.jsonl")
 label_sizing() {  # label_sizing D1 DISTINCT: sets LABEL_PROMPTS and K_SAMPLES by the rule above
   LABEL_PROMPTS=$(( ($1 + 5) / 6 < $2 ? ($1 + 5) / 6 : $2 )); K_SAMPLES=4
   while (( K_SAMPLES < 16 && LABEL_PROMPTS * K_SAMPLES * (K_SAMPLES - 1) / 2 < $1 )); do K_SAMPLES=$(( K_SAMPLES + 1 )); done
 }
 label_sizing "$D1" "$DISTINCT"
+# a round labels pass after pass (each LABEL_PROMPTS fresh prompts x K_SAMPLES answers) while fewer than a quarter of
+# |D1| of its pairs have a preference, at most LABEL_PASSES passes (version 5 of docs/rounds.md)
+LABEL_PASSES=4
+more_labels() {  # more_labels PAIRS_KEPT PASSES_DONE: true while another pass is due
+  (( $2 < LABEL_PASSES && $1 < (D1 + 3) / 4 ))
+}
+# with --rounds 2+, every evaluation answers each held-out prompt EVAL_SAMPLES times: at least 600 answers per policy,
+# so that a rate moves in steps of at most 1/600 (a world of 60 held-out prompts answered once moves in steps of 1.7%)
+eval_sampling() {  # eval_sampling DISTINCT_EVAL_PROMPTS: sets EVAL_SAMPLES = ⌈600 / DISTINCT_EVAL_PROMPTS⌉
+  EVAL_SAMPLES=$(( (600 + $1 - 1) / $1 ))
+}
+eval_sampling "$(distinct "$DATA/eval_prompts.jsonl")"
+if (( ROUNDS == 1 )); then EVAL_SAMPLES=1; fi  # round 1 alone: one answer per prompt, as docs/results.md reports
 REDTEAM_SEARCH=200
 RECTIFIED=(--constraint rectified --cost_limit 0 --tolerance 0.02)
-if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; K_SAMPLES=4; REDTEAM_SEARCH=8; fi
+if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; K_SAMPLES=4; LABEL_PASSES=2; REDTEAM_SEARCH=8; EVAL_SAMPLES=2; fi
 rows() {  # rows FILE START COUNT: COUNT rows of a .jsonl file from row START on (from 0), cycling over its distinct
   python3 -c 'import json, sys  # prompts (the first row of each; evaluate.py answers a prompt once, K times)
 rows = {}
@@ -223,7 +240,8 @@ stage ppo_lag_rectified $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" "${RECTIFIED[@
   --output_dir "$OUT/ppo_lag_rectified" "${PPO_COMMON[@]}"
 
 # 4. evaluation of all six on the held-out prompts (sampled answers, as the policies would answer)
-EVALUATE=(--max_prompts "$EVAL_PROMPTS" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48 --per_device_batch_size 50 --seed "$SEED")
+EVALUATE=(--max_prompts "$EVAL_PROMPTS" --samples_per_prompt "$EVAL_SAMPLES" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48
+          --per_device_batch_size 50 --seed "$SEED")
 stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_shaping="$OUT/reward_shaping" ppo_lag="$OUT/ppo_lag" \
   ppo_lag_d0="$OUT/ppo_lag_d0" ppo_lag_rectified="$OUT/ppo_lag_rectified" \
   --prompt_data "$DATA/eval_prompts.jsonl" --preference_data "$DATA/preference_test.jsonl" \
@@ -233,18 +251,28 @@ stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_sh
 #    judge, the prompts it fails on searched among red-team phrasings, new reward and cost models on every pair so
 #    far, and PPO-Lagrangian again from the current policy, now with the rectified constraint at d = 0
 POLICY="$OUT/ppo_lag"; TRAIN="$DATA/preference_train.jsonl"; PROMPTS="$DATA/prompts.jsonl"; ROUND_POLICIES=(round-1="$POLICY")
+LABEL_ROW=0  # where the next fresh prompts start, among the distinct prompts of prompts.jsonl (cycling)
 for (( K = 2; K <= ROUNDS; K++ )); do
   R="$OUT/round-$K"
   PREVIOUS="$(dirname "$POLICY")"
   mkdir -p "$R"
   # K_SAMPLES answers per prompt from the current policy, every pair of them labelled by the judge (scored by the
-  # previous round's models); fresh prompts read on from where the last round stopped, cycling over the file
+  # previous round's models); fresh prompts read on from where the last pass stopped, cycling over the file; passes
+  # (round-K/label, label-2, ...; each its own seed) until a quarter of |D1| pairs are not ties, or LABEL_PASSES
   LABEL=(--policy current="$POLICY" --samples_per_prompt "$K_SAMPLES" --reward_model "$PREVIOUS/reward"
          --cost_model "$PREVIOUS/cost" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48
          --per_device_batch_size 50 --seed "$(( SEED + K ))")
-  rows "$DATA/prompts.jsonl" $(( (K - 2) * LABEL_PROMPTS )) "$LABEL_PROMPTS" > "$R/label_prompts.jsonl"
-  stage "round-$K/label" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$R/label_prompts.jsonl" --output_dir "$R/label"
-  NEW_PAIRS=("$R/label/labelled_pairs.jsonl")
+  NEW_PAIRS=(); KEPT=0; PASS=0
+  while (( PASS == 0 )) || more_labels "$KEPT" "$PASS"; do
+    PASS=$(( PASS + 1 ))
+    NAME=label; if (( PASS > 1 )); then NAME=label-$PASS; fi
+    rows "$DATA/prompts.jsonl" "$LABEL_ROW" "$LABEL_PROMPTS" > "$R/${NAME/label/label_prompts}.jsonl"
+    LABEL_ROW=$(( LABEL_ROW + LABEL_PROMPTS ))
+    stage "round-$K/$NAME" $RUN evaluate.py "${LABEL[@]}" --seed "$(( SEED + K + 100 * (PASS - 1) ))" \
+      --prompt_data "$R/${NAME/label/label_prompts}.jsonl" --output_dir "$R/$NAME"
+    NEW_PAIRS+=("$R/$NAME/labelled_pairs.jsonl")
+    KEPT=$(( KEPT + $(grep -c '[^[:space:]]' "$R/$NAME/labelled_pairs.jsonl" || true) ))
+  done
   # red-teaming: REDTEAM_SEARCH prompts of the pool; those the policy answers harmfully at least once are found:
   # their pairs join the data, the prompts join the PPO prompts from this round on
   if [ -f "$DATA/redteam_prompts.jsonl" ]; then

@@ -101,7 +101,13 @@ def new_data(run):
     first = len(read_lines(data_dir, "preference_train.jsonl"))  # round 1's pairs
     data = {}
     for name in round_names(run)[2:]:
-        label = read_json(run, f"{name}/label/results.json")["labelled_pairs"]
+        passes = ["label"]  # the labelling passes of the round: label, label-2, ... (docs/rounds.md, version 5)
+        while (Path(run) / name / f"label-{len(passes) + 1}").is_dir():
+            passes.append(f"label-{len(passes) + 1}")
+        label = {
+            key: sum(read_json(run, f"{name}/{p}/results.json")["labelled_pairs"].get(key, 0) for p in passes)
+            for key in ("written", "preferred_by_compare", "dropped_no_preference")
+        }
         redteam = (read_json(run, f"{name}/redteam/results.json") or {}).get("labelled_pairs", {})
         searched = read_lines(run, f"{name}/redteam_search.jsonl")
         found = read_lines(run, f"{name}/redteam_found.jsonl")
@@ -111,16 +117,20 @@ def new_data(run):
             scores = (read_json(run, f"{name}/new_pairs_{models}/results.json") or {}).get("score_models", {})
             accuracy[models] = {o: 100 * scores[o]["accuracy"] for o in scores}
         samples = (read_json(run, f"{name}/label/args.json") or {}).get("samples_per_prompt")
-        labelled = read_lines(run, f"{name}/label_prompts.jsonl") or []
+        labelled = [
+            row for p in passes for row in read_lines(run, f"{name}/{p.replace('label', 'label_prompts')}.jsonl") or []
+        ]
         data[name] = {
+            "labelling passes": len(passes),
             "fresh prompts labelled (distinct)": len({row["prompt"] for row in labelled}),
             "answers per prompt (K)": samples,
             "fresh pairs": label["written"],
-            "fresh pairs the pairwise annotator decided": label.get("preferred_by_compare", 0),
+            "fresh pairs the pairwise annotator decided": label["preferred_by_compare"],
             "fresh pairs dropped (no preference)": label["dropped_no_preference"],
             "red-team prompts searched (distinct)": len({row["prompt"] for row in searched}) if searched else None,
             "red-team prompts found (answered harmfully)": len(found) if found is not None else None,
             "red-team pairs": redteam.get("written"),
+            "fresh pairs, share of round 1's": 100 * label["written"] / first if first else float("nan"),
             "new pairs, share of round 1's": 100 * new / first if first else float("nan"),
             "held-out new pairs": len(read_lines(run, f"{name}/new_pairs_test.jsonl") or []),
             "reward accuracy on them: new / previous model": (

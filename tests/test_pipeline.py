@@ -130,6 +130,7 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
 
 ROUND_2 = [
     "round-2/label",
+    "round-2/label-2",
     "round-2/redteam",
     "round-2/reward",
     "round-2/cost",
@@ -156,23 +157,29 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     scored = (round_2 / "new_pairs_test.jsonl").read_text().strip()  # no held-out new pairs: nothing to score them on
     assert stages[9:] == [stage for stage in ROUND_2 if scored or "new_pairs" not in stage]
     # 1. fresh prompts: the next distinct prompts of prompts.jsonl (the first row of each); 4 answers of round 1's
-    #    policy to each (--smoke; the rule is tested below), all 6 pairs labelled
+    #    policy to each (--smoke; the rule is tested below), all 6 pairs labelled; far fewer than a quarter of round
+    #    1's 4,000 pairs, so a second pass (--smoke: the last) labels the next 8 prompts with a seed of its own
     prompts = (data / "prompts.jsonl").read_text().splitlines()
     first_rows = {}
     for line in prompts:
         first_rows.setdefault(json.loads(line)["prompt"], line)
-    assert (round_2 / "label_prompts.jsonl").read_text().splitlines() == list(first_rows.values())[:8]
-    label_args = json.loads((round_2 / "label" / "args.json").read_text())
-    assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 4
-    labelled = json.loads((round_2 / "label" / "results.json").read_text())["labelled_pairs"]
-    fresh = [json.loads(line) for line in (round_2 / "label" / "labelled_pairs.jsonl").read_text().splitlines()]
-    assert labelled["pairs"] == 8 * 6 and labelled["written"] == len(fresh)
+    fresh, answers = [], {}
+    for n, name in enumerate(["label", "label-2"]):
+        prompts_file = round_2 / f"{name.replace('label', 'label_prompts')}.jsonl"
+        assert prompts_file.read_text().splitlines() == list(first_rows.values())[8 * n : 8 * n + 8]
+        label_args = json.loads((round_2 / name / "args.json").read_text())
+        assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 4
+        assert label_args["seed"] == 1 + 2 + 100 * n
+        labelled = json.loads((round_2 / name / "results.json").read_text())["labelled_pairs"]
+        rows = [json.loads(line) for line in (round_2 / name / "labelled_pairs.jsonl").read_text().splitlines()]
+        assert labelled["pairs"] == 8 * 6 and labelled["written"] == len(rows)
+        fresh += rows
+        for answer in map(json.loads, (round_2 / name / "answers.jsonl").read_text().splitlines()):
+            answers.setdefault(answer["prompt"], []).append(answer["answer"])
+    assert not (round_2 / "label-3").exists()
     # the untrained smoke policy's answers are all garbled, which the toy oracle rightly calls ties (no pair); the
     # hand-built judge prefers the longer answer, so the small world's round makes new pairs
     assert len(fresh) > 0 or world == "toy"
-    answers = {}
-    for answer in map(json.loads, (round_2 / "label" / "answers.jsonl").read_text().splitlines()):
-        answers.setdefault(answer["prompt"], []).append(answer["answer"])
     for row in fresh:  # every new row: two answers of the policy to its prompt, with the judge's safety labels
         assert {row["response_0"], row["response_1"]} <= set(answers[row["prompt"]])
         for i in (0, 1):
@@ -215,13 +222,24 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     assert ppo["prompt_data"] == str(round_2 / "prompts.jsonl")
     assert (ppo["constraint"], ppo["cost_limit"], ppo["tolerance"]) == ("rectified", 0.0, 0.02)
     assert (round_2 / "ppo_lag" / "model.safetensors").is_file()
-    # 5. the rounds side by side, and the report (printed)
+    # 5. the rounds side by side, each held-out prompt answered EVAL_SAMPLES times (--smoke: 2), and the report
     policies = json.loads((out / "rounds" / "eval" / "results.json").read_text())["policies"]
     assert list(policies) == ["sft", "round-1", "round-2"] and "oracle_other_rate" in policies["round-2"]["all"]
+    for evaluation in (out / "eval", round_2 / "eval", out / "rounds" / "eval", out / "rounds" / "redteam"):
+        assert json.loads((evaluation / "args.json").read_text())["samples_per_prompt"] == 2
+    evaluated = [json.loads(line) for line in (out / "rounds" / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(evaluated) == 3 * 8 * 2 and {a["policy"] for a in evaluated} == set(policies)
     assert (out / "rounds" / "rounds.png").is_file()
     report = (out / "rounds" / "report.md").read_text()
     assert "| red-team prompts found (answered harmfully) |" in report and "### The claims, run by run" in report
     assert report.splitlines()[2] in result.stdout
+
+
+def bash_function(name):
+    """A function of run_pipeline.sh, as it stands there."""
+    script = (REPO / "run_pipeline.sh").read_text()
+    start = script.index(f"{name}() {{")
+    return script[start : script.index("\n}\n", start) + 3]
 
 
 @pytest.mark.parametrize(
@@ -236,17 +254,39 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
 def test_a_later_round_labels_as_many_pairs_as_round_1_has(pairs_in_round_1, distinct_prompts, label_prompts, samples):
     """The rule of docs/rounds.md, run from run_pipeline.sh itself: LABEL_PROMPTS = min(⌈|D1| / 6⌉, distinct prompts),
     K_SAMPLES = the smallest K ≥ 4 with LABEL_PROMPTS · K(K-1)/2 ≥ |D1|, at most 16."""
-    script = (REPO / "run_pipeline.sh").read_text()
-    start = script.index("label_sizing() {")
-    function = script[start : script.index("\n}\n", start) + 3]
     call = f'label_sizing {pairs_in_round_1} {distinct_prompts}; echo "$LABEL_PROMPTS $K_SAMPLES"'
     result = subprocess.run(
-        ["bash", "-c", function + call],
+        ["bash", "-c", bash_function("label_sizing") + call],
         capture_output=True,
         text=True,
         check=True,
     )
     assert result.stdout.split() == [str(label_prompts), str(samples)]
+
+
+@pytest.mark.parametrize(
+    "pairs_kept, passes_done, another",
+    [
+        (0, 0, True),
+        (999, 1, True),  # under a quarter of |D1| = 4,000
+        (1000, 1, False),  # a quarter: enough
+        (999, 3, True),
+        (999, 4, False),  # LABEL_PASSES = 4: the round goes on with what it has
+    ],
+)
+def test_a_round_labels_pass_after_pass_until_a_quarter_of_round_1s_pairs(pairs_kept, passes_done, another):
+    """docs/rounds.md, version 5: another pass while fewer than ⌈|D1| / 4⌉ pairs have a preference, at most 4."""
+    call = f"D1=4000; LABEL_PASSES=4; more_labels {pairs_kept} {passes_done} && echo yes || echo no"
+    result = subprocess.run(["bash", "-c", bash_function("more_labels") + call], capture_output=True, text=True)
+    assert result.stdout.split() == ["yes" if another else "no"]
+
+
+@pytest.mark.parametrize("distinct_eval_prompts, samples", [(200, 3), (60, 10), (600, 1), (1000, 1), (7, 86)])
+def test_the_rounds_are_measured_on_at_least_600_answers_per_policy(distinct_eval_prompts, samples):
+    call = f'eval_sampling {distinct_eval_prompts}; echo "$EVAL_SAMPLES"'
+    result = subprocess.run(["bash", "-c", bash_function("eval_sampling") + call], capture_output=True, text=True)
+    assert result.stdout.split() == [str(samples)]
+    assert distinct_eval_prompts * samples >= 600 > distinct_eval_prompts * (samples - 1) or samples == 1
 
 
 def test_the_pipeline_has_no_setting_that_differs_between_the_worlds(smoke_runs):

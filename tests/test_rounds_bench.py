@@ -36,7 +36,8 @@ def answer(policy, archetype, helpfulness, reward, harmful_prompt=False):
 
 
 def fake_run(run, last_round_harmful):
-    """SFT and two rounds. Round 1's data: 40 pairs; round 2 adds 14 fresh and 6 red-team pairs (50% of round 1's)."""
+    """SFT and two rounds. Round 1's data: 40 pairs; round 2 adds 14 + 6 fresh pairs in two labelling passes and 6
+    red-team pairs (65% of round 1's)."""
     data = run.parent / f"{run.name}-data"
     write_lines(data / "preference_train.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
     write_json(run / "pipeline.json", {"settings": {"data": str(data)}, "finished": True})
@@ -84,9 +85,14 @@ def fake_run(run, last_round_harmful):
         run / "round-2" / "label" / "results.json",
         {"labelled_pairs": {"pairs": 16, "written": 14, "dropped_no_preference": 2, "preferred_by_compare": 12}},
     )
+    write_json(  # the second labelling pass (label-2): its counts add to the first's
+        run / "round-2" / "label-2" / "results.json",
+        {"labelled_pairs": {"pairs": 16, "written": 6, "dropped_no_preference": 10, "preferred_by_compare": 5}},
+    )
     write_json(run / "round-2" / "redteam" / "results.json", {"labelled_pairs": {"pairs": 30, "written": 6}})
     write_lines(run / "round-2" / "redteam_search.jsonl", [{"prompt": f"r{i % 5}"} for i in range(6)])  # cycled: 5
     write_lines(run / "round-2" / "label_prompts.jsonl", [{"prompt": p} for p in ("a", "b", "c")])
+    write_lines(run / "round-2" / "label_prompts-2.jsonl", [{"prompt": p} for p in ("c", "d")])  # 4 distinct
     write_json(run / "round-2" / "label" / "args.json", {"samples_per_prompt": 4})
     write_lines(run / "round-2" / "redteam_found.jsonl", [{"prompt": "r1"}, {"prompt": "r3"}])
     write_lines(run / "round-2" / "new_pairs_test.jsonl", [{"prompt": "p"}] * 3)
@@ -95,7 +101,7 @@ def fake_run(run, last_round_harmful):
         write_json(run / "round-2" / f"new_pairs_{models}" / "results.json", {"score_models": scores})
     (run / "timings.txt").write_text(
         "sft 70 s\nreward 40 s\ncost 41 s\nppo 75 s\nppo_lag 80 s\nevaluate 30 s\nround-2/label 10 s\n"
-        "round-2/redteam 12 s\nround-2/reward 20 s\nround-2/ppo_lag 85 s\nrounds/evaluate 20 s\n"
+        "round-2/label-2 5 s\nround-2/redteam 12 s\nround-2/reward 20 s\nround-2/ppo_lag 85 s\nrounds/evaluate 20 s\n"
     )
 
 
@@ -106,11 +112,13 @@ def test_rates_new_data_reward_models_claims_and_times_by_hand(tmp_path):
     assert list(table) == ["sft", "round-1", "round-2"]
     assert table["round-2"] == pytest.approx({"harmful": 2.0, "redteam": 5.0, "helpful": 75.0, "other": 10.0})
     data = rounds.new_data(run)["round-2"]
-    assert data["fresh pairs"] == 14 and data["fresh pairs the pairwise annotator decided"] == 12
-    assert data["fresh pairs dropped (no preference)"] == 2 and data["red-team pairs"] == 6
-    assert (data["fresh prompts labelled (distinct)"], data["answers per prompt (K)"]) == (3, 4)
+    assert data["labelling passes"] == 2
+    assert data["fresh pairs"] == 14 + 6 and data["fresh pairs the pairwise annotator decided"] == 12 + 5
+    assert data["fresh pairs dropped (no preference)"] == 2 + 10 and data["red-team pairs"] == 6
+    assert (data["fresh prompts labelled (distinct)"], data["answers per prompt (K)"]) == (4, 4)
     assert (data["red-team prompts searched (distinct)"], data["red-team prompts found (answered harmfully)"]) == (5, 2)
-    assert data["new pairs, share of round 1's"] == pytest.approx(100 * (14 + 6) / 40)
+    assert data["fresh pairs, share of round 1's"] == pytest.approx(100 * (14 + 6) / 40)
+    assert data["new pairs, share of round 1's"] == pytest.approx(100 * (14 + 6 + 6) / 40)
     assert data["held-out new pairs"] == 3
     assert data["reward accuracy on them: new / previous model"] == pytest.approx((200 / 3, 100 / 3))
     assert data["cost accuracy on them: new / previous model"] == pytest.approx((100.0, 200 / 3))
@@ -121,7 +129,7 @@ def test_rates_new_data_reward_models_claims_and_times_by_hand(tmp_path):
     assert rounds.timings(run) == {  # round 1: the stages a loop needs (not ppo); the comparison stays apart
         "round-1": {"sft": 70, "reward": 40, "cost": 41, "ppo_lag": 80, "evaluate": 30},
         "the rest": {"ppo": 75, "rounds/evaluate": 20},
-        "round-2": {"label": 10, "redteam": 12, "reward": 20, "ppo_lag": 85},
+        "round-2": {"label": 10, "label-2": 5, "redteam": 12, "reward": 20, "ppo_lag": 85},
     }
 
 
@@ -142,7 +150,8 @@ def test_the_script_prints_every_table_and_draws_the_plot(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| mean | **50.0** | **4.0** | **3.5** |" in result.stdout  # harmful: (50+50)/2, (4+4)/2, (2+5)/2
     assert "| harmful on harmful prompts after the last round ≤ 2.5% | 2.0% ✓ | 5.0% ✗ | 1/2 |" in result.stdout
-    assert "| new pairs, share of round 1's | 50.0 |" in result.stdout
+    assert "| fresh pairs, share of round 1's | 50.0 |" in result.stdout
+    assert "| new pairs, share of round 1's | 65.0 |" in result.stdout
     assert "| rounds-s0 | 66.7 | 70.0 | 2.50 | 1.50 |" in result.stdout
-    assert "round-2 127 (label 10, redteam 12, reward 20, ppo_lag 85)" in result.stdout
+    assert "round-2 132 (label 10, label-2 5, redteam 12, reward 20, ppo_lag 85)" in result.stdout
     assert (tmp_path / "rounds.png").is_file()
