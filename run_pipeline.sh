@@ -168,10 +168,10 @@ eval_sampling() {  # eval_sampling DISTINCT_EVAL_PROMPTS: sets EVAL_SAMPLES = ‚å
   EVAL_SAMPLES=$(( (600 + $1 - 1) / $1 ))
 }
 eval_sampling "$(distinct "$DATA/eval_prompts.jsonl")"
-if (( ROUNDS == 1 )); then EVAL_SAMPLES=1; fi  # round 1 alone: one answer per prompt, as docs/results.md reports
 REDTEAM_SEARCH=200
 RECTIFIED=(--constraint rectified --cost_limit 0 --tolerance 0.02)
 if [ "$SMOKE" = 1 ]; then LABEL_PROMPTS=8; K_SAMPLES=4; LABEL_PASSES=2; REDTEAM_SEARCH=8; EVAL_SAMPLES=2; fi
+if (( ROUNDS == 1 )); then EVAL_SAMPLES=1; fi  # round 1 alone: one answer per prompt, as docs/results.md reports
 rows() {  # rows FILE START COUNT: COUNT rows of a .jsonl file from row START on (from 0), cycling over its distinct
   python3 -c 'import json, sys  # prompts (the first row of each; evaluate.py answers a prompt once, K times)
 rows = {}

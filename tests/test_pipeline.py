@@ -63,13 +63,13 @@ def hand_built_harmful(prompt, answer):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """--smoke on both toy worlds: {world: (OUT, the completed process)}. The toy world runs two rounds (the default
-    judge, toy); the small world two rounds too, run from another directory with relative paths, as a user's own data
-    and annotator would be: a copy of the world in "my data", a hand-built judge file ok.py that imports the oracle
-    from beside it, --out myrun."""
+    """--smoke on both toy worlds: {world: (OUT, the completed process)}. The toy world runs round 1 only (the default
+    judge, toy; --rounds 1 keeps CI short); the small world two rounds, run from another directory with relative paths,
+    as a user's own data and annotator would be: a copy of the world in "my data", a hand-built judge file ok.py that
+    imports the oracle from beside it, --out myrun."""
     runs = {}
     out = tmp_path_factory.mktemp("toy") / "runs"
-    runs["toy"] = out, pipeline("--smoke", "--data", "data/toy", "--out", out, "--seed", 1, "--rounds", 2)
+    runs["toy"] = out, pipeline("--smoke", "--data", "data/toy", "--out", out, "--seed", 1, "--rounds", 1)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     shutil.copytree(REPO / "data" / "toy_small", elsewhere / "my data")
     shutil.copy(REPO / "data" / "toy_world.py", elsewhere / "toy_world.py")  # a module beside the judge file
@@ -143,15 +143,9 @@ ROUND_2 = [
 ]
 
 
-def oracle_harmful(prompt, answer):
-    return tw.judge(prompt, answer)["harmful"]
-
-
-@pytest.mark.parametrize("world", ["toy", "toy_small"])
-def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, world):
-    out, result = smoke_runs[world]
-    data = out.parent / "my data" if world == "toy_small" else REPO / "data" / "toy"
-    harmful = hand_built_harmful if world == "toy_small" else oracle_harmful
+def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs):
+    out, result = smoke_runs["toy_small"]
+    data, harmful = out.parent / "my data", hand_built_harmful
     stages = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
     round_2 = out / "round-2"
     scored = (round_2 / "new_pairs_test.jsonl").read_text().strip()  # no held-out new pairs: nothing to score them on
@@ -177,9 +171,9 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
         for answer in map(json.loads, (round_2 / name / "answers.jsonl").read_text().splitlines()):
             answers.setdefault(answer["prompt"], []).append(answer["answer"])
     assert not (round_2 / "label-3").exists()
-    # the untrained smoke policy's answers are all garbled, which the toy oracle rightly calls ties (no pair); the
-    # hand-built judge prefers the longer answer, so the small world's round makes new pairs
-    assert len(fresh) > 0 or world == "toy"
+    # the untrained smoke policy's answers are all garbled, which the toy oracle would rightly call ties (no pair);
+    # the hand-built judge prefers the longer answer, so this round makes new pairs
+    assert len(fresh) > 0
     for row in fresh:  # every new row: two answers of the policy to its prompt, with the judge's safety labels
         assert {row["response_0"], row["response_1"]} <= set(answers[row["prompt"]])
         for i in (0, 1):
@@ -192,8 +186,7 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     failing = {a["prompt"] for a in tried if harmful(a["prompt"], a["answer"])}
     found = (round_2 / "redteam_found.jsonl").read_text().splitlines()
     assert found == [line for line in searched if json.loads(line)["prompt"] in failing]
-    if world == "toy_small":  # the hand-built judge fails about half of these answers: the search finds prompts
-        assert found
+    assert found  # the hand-built judge fails about half of these answers: the search finds prompts
     redteam = [json.loads(line) for line in (round_2 / "redteam" / "labelled_pairs.jsonl").read_text().splitlines()]
     assert all(not (r["is_response_0_safe"] and r["is_response_1_safe"]) for r in redteam)
     assert {r["prompt"] for r in redteam} <= failing
@@ -202,7 +195,7 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs, 
     new_lines = [json.dumps(row) for row in fresh + redteam]
     held_out = (round_2 / "new_pairs_test.jsonl").read_text().splitlines()
     kept = (round_2 / "new_pairs_train.jsonl").read_text().splitlines()
-    assert sorted(held_out + kept) == sorted(new_lines) and (world == "toy" or (held_out and kept))
+    assert sorted(held_out + kept) == sorted(new_lines) and held_out and kept
     order = list(dict.fromkeys(row["prompt"] for row in fresh + redteam))  # the 1st, 11th, ... prompt's pairs
     assert {json.loads(line)["prompt"] for line in held_out} == set(order[::10])
     original = (data / "preference_train.jsonl").read_text().splitlines()
@@ -290,16 +283,21 @@ def test_the_rounds_are_measured_on_at_least_600_answers_per_policy(distinct_eva
 
 
 def test_the_pipeline_has_no_setting_that_differs_between_the_worlds(smoke_runs):
-    def settings(out):  # every stage's args.json, paths (and the judge file) aside
-        names = ["sft", "reward", "cost", *POLICIES] + [
-            f"round-2/{n}" for n in ("label", "redteam", "reward", "ppo_lag")
-        ]
+    def settings(out):  # every round-1 stage's args.json, paths (and the judge file) aside
         return {
             name: {k: v for k, v in json.loads((out / name / "args.json").read_text()).items() if k not in PATH_ARGS}
-            for name in names
+            for name in ["sft", "reward", "cost", *POLICIES]
         }
 
     assert settings(smoke_runs["toy"][0]) == settings(smoke_runs["toy_small"][0])
+    # with --rounds 1 (the toy world here) one answer per held-out prompt, as docs/results.md reports; with --rounds 2+
+    # EVAL_SAMPLES (--smoke: 2)
+    samples = {
+        world: json.loads((out / "eval" / "args.json").read_text())["samples_per_prompt"]
+        for world, (out, _) in smoke_runs.items()
+    }
+    assert samples == {"toy": 1, "toy_small": 2}
+    assert not (smoke_runs["toy"][0] / "round-2").exists() and not (smoke_runs["toy"][0] / "rounds").exists()
 
 
 def test_bad_arguments_fail_before_any_stage(tmp_path):
