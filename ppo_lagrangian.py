@@ -8,8 +8,8 @@ where C(x, y) > 0 means the cost model calls the answer unsafe, and d is `--cost
 problem max_θ min_{λ≥0} J_R(θ) - λ·(J_C(θ) - d) by alternating a clipped PPO step on θ with the combined
 advantage (A_R - λ·A_C) / (1 + λ), and a gradient step on λ (dual ascent): λ grows while the policy costs more
 than d and shrinks once it is safe. Six models take part: the actor (from SFT, trained), the reference policy (SFT,
-frozen), the reward and cost models (frozen), and the reward and cost critics (from the reward and cost models,
-trained).
+frozen; `--reference_model`), the reward and cost models (frozen), and the reward and cost critics (from the reward and
+cost models, trained).
 
 One iteration, as in `main()` below:
     1. rollout: the actor samples an answer to each prompt of the batch (KV cache, left padding, stop at EOS)
@@ -92,7 +92,8 @@ def arg(default, help, **metadata):  # a field of Args: its default, its --help 
 
 @dataclass
 class Args:
-    actor_model: str = arg("output/sft", "the SFT checkpoint: the initial actor and the frozen reference policy")
+    actor_model: str = arg("output/sft", "the SFT checkpoint: the initial actor (and the reference policy, by default)")
+    reference_model: str = arg("", "the frozen reference policy π_ref of the KL penalty ('' = --actor_model)")
     reward_model: str = arg("output/reward", "the reward model (preference_model.py --objective reward)")
     cost_model: str = arg("output/cost", "the cost model (preference_model.py --objective cost)")
     reward_critic_model: str = arg("", "initial reward critic ('' = the reward model)")
@@ -679,7 +680,8 @@ def rollout_metrics(rollout, end_rewards, end_costs, kl, answer_mask, sums, epis
 def check_before_start(args):
     """Before any work: the output directory (ours to write, no input inside it) and the saved states of a stopped run
     (what --resume continues from)."""
-    names = "actor_model reward_model cost_model reward_critic_model cost_critic_model prompt_data ptx_data".split()
+    names = "actor_model reference_model reward_model cost_model reward_critic_model cost_critic_model prompt_data"
+    names = names.split() + ["ptx_data"]
     check_output_dir(
         args.output_dir, args.overwrite_output_dir, "ppo_lagrangian.py", {n: getattr(args, n) for n in names}
     )
@@ -797,16 +799,17 @@ def endless(loader, sampler, skip):
 
 
 def load_models(args, tokenizer, device, use_bf16):
-    """The six models, checked: the actor (trained) and the reference (frozen) from the SFT checkpoint, the reward
-    and cost models (frozen; a swapped or foreign pair is refused), the critics (trained) from the score models:
-    {"reward": V_R} for ppo and reward_shaping, {"reward": V_R, "cost": V_C} for ppo_lag. The frozen models in bf16
-    where bf16 is used; the trained ones in fp32, under DDP or FSDP2."""
-    for name in ("reward_model", "cost_model", "reward_critic_model", "cost_critic_model"):
+    """The six models, checked: the actor (trained) and the reference (frozen) from the SFT checkpoint (the
+    reference from --reference_model if given), the reward and cost models (frozen; a swapped or foreign pair is
+    refused), the critics (trained) from the score models: {"reward": V_R} for ppo and reward_shaping, {"reward": V_R,
+    "cost": V_C} for ppo_lag. The frozen models in bf16 where bf16 is used; the trained ones in fp32, under DDP or
+    FSDP2."""
+    for name in ("reference_model", "reward_model", "cost_model", "reward_critic_model", "cost_critic_model"):
         path = getattr(args, name) or None
         if path and load_pretrained(AutoTokenizer, path).get_vocab() != tokenizer.get_vocab():
             raise InputError(
-                f"{path}: its tokenizer differs from the actor's ({args.actor_model}); train the score "
-                "models from the same SFT model"
+                f"{path}: its tokenizer differs from the actor's ({args.actor_model}); the reference and the score "
+                "models must come from the same SFT model"
             )
     frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
@@ -814,7 +817,7 @@ def load_models(args, tokenizer, device, use_bf16):
         return load_pretrained(model_class, path, dtype=frozen_dtype).requires_grad_(False).eval()
 
     actor = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=torch.float32)
-    reference = frozen(AutoModelForCausalLM, args.actor_model)
+    reference = frozen(AutoModelForCausalLM, args.reference_model or args.actor_model)
     reward_model = frozen(AutoModelForSequenceClassification, args.reward_model)
     cost_model = frozen(AutoModelForSequenceClassification, args.cost_model)
     if len(tokenizer) > actor.get_input_embeddings().num_embeddings:
@@ -822,11 +825,12 @@ def load_models(args, tokenizer, device, use_bf16):
             f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start "
             "from an sft.py checkpoint"
         )
-    if getattr(actor.config, "objective", None):  # written by preference_model.py: a score model, not a policy
-        raise InputError(
-            f"{args.actor_model}: this is a {actor.config.objective} model, not a policy; give the SFT "
-            "model as --actor_model"
-        )
+    for model, flag in ((actor, "actor_model"), (reference, "reference_model")):
+        if getattr(model.config, "objective", None):  # written by preference_model.py: a score model, not a policy
+            raise InputError(
+                f"{getattr(args, flag) or args.actor_model}: this is a {model.config.objective} model, not a policy; "
+                f"give the SFT model as --{flag}"
+            )
     for score_model, expected, path in (
         (reward_model, "reward", args.reward_model),
         (cost_model, "cost", args.cost_model),

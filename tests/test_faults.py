@@ -233,6 +233,7 @@ WRONG_KINDS = {
     "evaluate: SFT model as --reward_model": "objective",
     "evaluate: SFT model as --cost_model": "objective",
     "ppo: reward model as --actor_model": "reward model",
+    "ppo: cost model as --reference_model": "cost model",
     "evaluate: reward model as a --policy": "reward model",
 }
 
@@ -246,6 +247,7 @@ def wrong_kind_runs(tiny, tmp_path_factory):
         "evaluate: SFT model as --reward_model": ("evaluate.py", evaluate_args(tiny, reward_model=tiny.sft_model)),
         "evaluate: SFT model as --cost_model": ("evaluate.py", evaluate_args(tiny, cost_model=tiny.sft_model)),
         "ppo: reward model as --actor_model": ("ppo_lagrangian.py", ppo_args(tiny, actor_model=tiny.reward)),
+        "ppo: cost model as --reference_model": ("ppo_lagrangian.py", ppo_args(tiny, reference_model=tiny.cost)),
         "evaluate: reward model as a --policy": ("evaluate.py", evaluate_args(tiny, policy=tiny.reward)),
     }
     outputs = {}

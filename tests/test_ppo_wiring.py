@@ -294,3 +294,34 @@ def test_each_critic_starts_from_its_own_score_model(tiny):
         assert all(torch.equal(state[key], value) for key, value in saved[stream].items()), stream
     for stream, frozen in (("reward", reward_model), ("cost", cost_model)):
         assert torch.equal(frozen.score.weight, saved[stream]["score.weight"]) and not frozen.score.weight.requires_grad
+
+
+def test_the_kl_reference_is_reference_model_when_given_else_the_actor(tiny, tmp_path):
+    """π_ref of the KL penalty: --reference_model (a later round keeps SFT there while its actor starts from the last
+    round's policy), by default the actor's own starting point; the actor starts from --actor_model either way."""
+    from safetensors.torch import load_file
+
+    other = AutoModelForCausalLM.from_pretrained(tiny.sft_model)  # another policy: the SFT model, moved
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny.sft_model).save_pretrained(tmp_path / "other")
+    saved = {
+        name: load_file(path / "model.safetensors")
+        for name, path in (("sft", tiny.sft_model), ("other", tmp_path / "other"))
+    }
+    models = {"actor_model": str(tiny.sft_model), "reward_model": str(tiny.reward), "cost_model": str(tiny.cost)}
+    for reference_model, expected in (("", "sft"), (str(tmp_path / "other"), "other")):
+        args = ppo.Args(**models, reference_model=reference_model, bf16=False, gradient_checkpointing=False)
+        rank, args.world_size, device = ppo.setup_distributed()
+        try:
+            tokenizer = ppo.load_policy_tokenizer(args.actor_model)
+            actor, reference, *_ = ppo.load_models(args, tokenizer, device, False)
+        finally:
+            ppo.dist.destroy_process_group()
+        actor_state = getattr(actor, "module", actor).state_dict()
+        for state, source in ((reference.state_dict(), expected), (actor_state, "sft")):
+            differs = [key for key, value in saved[source].items() if not torch.equal(state[key], value)]
+            assert not differs, (reference_model, source, differs[:3])
+    assert all(not torch.equal(saved["sft"][key], value) for key, value in saved["other"].items())  # told apart
