@@ -709,7 +709,8 @@ def describe_run(args, prompts_line, ptx_loader, use_bf16, trained):
     share = f", at most {args.tolerance:.0%} of answers over it" if args.constraint == "rectified" else ""
     variant = f" ({args.constraint} constraint, d = {args.cost_limit}{share}, λ by {args.lambda_update})"
     return (
-        f"{args.algorithm}{variant if args.algorithm == 'ppo_lag' else ''}: {prompts_line}, kl_coeff {args.kl_coeff}, "
+        f"{args.algorithm}{variant if args.algorithm == 'ppo_lag' else ''}: {prompts_line}, kl_coeff {args.kl_coeff}"
+        f"{f' (π_ref {args.reference_model})' if args.reference_model else ''}, "
         f"PTX {'on' if ptx_loader else 'off'}, bf16 {use_bf16}, {describe_memory(trained.values(), args.fsdp)}"
     )
 

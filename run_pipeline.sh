@@ -249,8 +249,7 @@ stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_sh
 
 # 5. rounds 2..N (the paper's Safe RLHF-v2, -v3; docs/rounds.md): new answers from the current policy, labelled by the
 #    judge, the prompts it fails on searched among red-team phrasings, new reward and cost models on every pair so
-#    far, and PPO-Lagrangian again from the current policy (its KL penalty still to the SFT model), now with the
-#    rectified constraint at d = 0
+#    far, and PPO-Lagrangian again from the current policy, now with the rectified constraint at d = 0
 POLICY="$OUT/ppo_lag"; TRAIN="$DATA/preference_train.jsonl"; PROMPTS="$DATA/prompts.jsonl"; ROUND_POLICIES=(round-1="$POLICY")
 LABEL_ROW=0  # where the next fresh prompts start, among the distinct prompts of prompts.jsonl (cycling)
 for (( K = 2; K <= ROUNDS; K++ )); do
@@ -301,12 +300,11 @@ for (( K = 2; K <= ROUNDS; K++ )); do
     done
   fi
   # round 1's ppo_lag settings, with the limit every later round's cost model means the same by: the rectified
-  # constraint at d = 0, at most 2% of answers over it (docs/rounds.md); from the current policy, its KL penalty to
-  # the SFT model in every round (version 6); the flags after PPO_COMMON replace its models and prompts (the last
-  # value of a flag wins)
+  # constraint at d = 0, at most 2% of answers over it (docs/rounds.md); from the current policy, which is also its
+  # KL reference (version 6's anchor to SFT, --reference_model "$OUT/sft", held fewer claims); the flags after
+  # PPO_COMMON replace its models and prompts (the last value of a flag wins)
   stage "round-$K/ppo_lag" $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" "${RECTIFIED[@]}" --output_dir "$R/ppo_lag" \
-    "${PPO_COMMON[@]}" --actor_model "$POLICY" --reference_model "$OUT/sft" --reward_model "$R/reward" \
-    --cost_model "$R/cost" --prompt_data "$PROMPTS"
+    "${PPO_COMMON[@]}" --actor_model "$POLICY" --reward_model "$R/reward" --cost_model "$R/cost" --prompt_data "$PROMPTS"
   stage "round-$K/evaluate" $RUN evaluate.py --policy round-$K="$R/ppo_lag" --prompt_data "$DATA/eval_prompts.jsonl" \
     --reward_model "$R/reward" --cost_model "$R/cost" --output_dir "$R/eval" "${EVALUATE[@]}"
   POLICY="$R/ppo_lag"; ROUND_POLICIES+=(round-$K="$POLICY")

@@ -208,12 +208,12 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs):
         args = json.loads((round_2 / f"new_pairs_{models}" / "args.json").read_text())
         assert args["preference_data"] == str(round_2 / "new_pairs_test.jsonl")
         assert args["reward_model"] == str(source / "reward") and args["cost_model"] == str(source / "cost")
-    # 4. PPO-Lagrangian from round 1's policy (KL to SFT), the new models, the new prompts and the rectified limit d = 0
+    # 4. PPO-Lagrangian from round 1's policy, with the new models, the new prompts and the rectified limit d = 0
     ppo = json.loads((round_2 / "ppo_lag" / "args.json").read_text())
     expected = {"actor_model": out / "ppo_lag", "reward_model": round_2 / "reward", "cost_model": round_2 / "cost"}
-    expected["reference_model"] = out / "sft"  # the KL penalty to the SFT model in every round (version 6)
     assert {key: ppo[key] for key in expected} == {key: str(path) for key, path in expected.items()}
     assert ppo["prompt_data"] == str(round_2 / "prompts.jsonl")
+    assert ppo["reference_model"] == ""  # the KL reference is round 1's policy, where the actor starts (version 5)
     assert (ppo["constraint"], ppo["cost_limit"], ppo["tolerance"]) == ("rectified", 0.0, 0.02)
     assert (round_2 / "ppo_lag" / "model.safetensors").is_file()
     # 5. the rounds side by side, each held-out prompt answered EVAL_SAMPLES times (--smoke: 2), and the report
