@@ -829,7 +829,7 @@ def load_models(args, tokenizer, device, use_bf16):
     for model, flag in ((actor, "actor_model"), (reference, "reference_model")):
         if getattr(model.config, "objective", None):  # written by preference_model.py: a score model, not a policy
             raise InputError(
-                f"{getattr(args, flag) or args.actor_model}: this is a {model.config.objective} model, not a policy; "
+                f"{getattr(args, flag)}: this is a {model.config.objective} model, not a policy; "
                 f"give the SFT model as --{flag}"
             )
     for score_model, expected, path in (

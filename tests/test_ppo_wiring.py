@@ -297,8 +297,9 @@ def test_each_critic_starts_from_its_own_score_model(tiny):
 
 
 def test_the_kl_reference_is_reference_model_when_given_else_the_actor(tiny, tmp_path):
-    """π_ref of the KL penalty: --reference_model (a later round keeps SFT there while its actor starts from the last
-    round's policy), by default the actor's own starting point; the actor starts from --actor_model either way."""
+    """π_ref of the KL penalty: --reference_model (e.g. the SFT model while the actor starts from a later round's
+    policy, version 6 of docs/rounds.md), by default the actor's own starting point; the actor starts from
+    --actor_model either way."""
     from safetensors.torch import load_file
 
     other = AutoModelForCausalLM.from_pretrained(tiny.sft_model)  # another policy: the SFT model, moved
