@@ -46,33 +46,39 @@ import argparse
 import copy
 import dataclasses
 import fcntl
-import functools
 import itertools
 import json
-import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
+import datasets
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    DataCollatorForSeq2Seq,
     GenerationConfig,
     HfArgumentParser,
     get_scheduler,
@@ -81,9 +87,12 @@ from transformers import (
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
+RESUME_MAY_CHANGE = (
+    "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing save_critics"
+)
 REFERENCE_KL_COEFF = {"ppo_lag": 0.01, "ppo": 0.02, "reward_shaping": 0.02}  # the reference's scripts/*.sh
 ALGORITHMS, CONSTRAINTS = list(REFERENCE_KL_COEFF), ["expected", "rectified"]
-SCHEDULES, TRACKERS = ["cosine", "linear", "constant"], ["none", "tensorboard", "wandb"]
+SCHEDULES = ["cosine", "linear", "constant"]
 
 
 def arg(default, help, **metadata):  # a field of Args: its default, its --help line (and e.g. choices=[...])
@@ -152,14 +161,13 @@ class Args:
     save_steps: int = arg(0, "save a resumable state every N rollouts, to OUTPUT_DIR.partial (0: never)")
     resume: bool = arg(False, "continue the stopped run from the newest state in OUTPUT_DIR.partial")
     logging_steps: int = arg(1, "log every N rollouts")
-    report_to: str = arg("none", "tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", choices=TRACKERS)
+    report_to: str = arg("none", "also log to TensorBoard (OUTPUT_DIR/runs)", choices=["none", "tensorboard"])
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
     rollout_batch_size: int = field(default=0, init=False)
     minibatches_per_rollout: int = field(default=0, init=False)
 
     def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
-        require_finite(self)
         counts = (
             "max_length max_new_tokens per_device_prompt_batch_size per_device_train_batch_size update_iters epochs"
         )
@@ -288,11 +296,6 @@ def pid_lagrange_multiplier(violation, previous_violation, integral, kp, ki, kd,
     return min(max(kp * violation + ki * integral + kd * derivative, 0.0), lambda_max), integral
 
 
-def expected_costs(costs, cost_limit):
-    # the paper's constraint E[C] ≤ d: the cost stream learns C itself (d enters only λ's update)
-    return costs
-
-
 class LagrangeMultiplier:
     """λ and its update rule, in one place (docs/math.md §4.4, §5.2), with its state for --resume. ppo_lag moves λ
     by the paper's SGD step on log λ or by PID; ppo and reward_shaping learn no λ (update() leaves it alone: None for
@@ -380,14 +383,13 @@ def answer_log_probs(model, sequences, attention_mask, prompt_length):
 
 
 def end_scores(score_model, input_ids, attention_mask):
-    """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding.
-    Position ids follow the attention mask, so padding changes nothing."""
+    """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding: position ids
+    follow the attention mask, so padding changes nothing."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return (
-        score_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        .logits.squeeze(-1)
-        .float()
+    outputs = score_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
+    return outputs.logits.squeeze(-1).float()
 
 
 class Critic(torch.nn.Module):
@@ -411,91 +413,13 @@ class Critic(torch.nn.Module):
         return values if self.rectify_at is None else F.softplus(values - self.rectify_at)
 
 
-# ---- PTX data: stage 1's loss on SFT data, as in sft.py ----
-def sft_loss_sum(logits, labels):
-    # Σ_t -log π(y_t | x, y_<t) over answer tokens (labels != -100); logits at t predict the token at t+1
-    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].flatten()  # (B*(T-1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-
-
-def count_answer_tokens(labels):
-    # the number of terms in the sum above
-    return (labels[:, 1:] != -100).sum()
-
-
-def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
-    """Token ids of the templated prompt and of the answer + EOS, truncated to max_length in total. The answer is
-    tokenised where the model meets it, after the prompt in one text, and the prompt part is cut off by the prompt's
-    own token count: with SentencePiece-style tokenizers (Llama, Mistral) `" " + answer` tokenised alone gives other
-    tokens than the ones a model generates after `ASSISTANT:` (docs/math.md §1)."""
-    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
-    prompt_ids = tokenizer(prompt_text)["input_ids"]
-    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :]
-    answer_ids = answer_ids + [tokenizer.eos_token_id]
-    prompt_ids = prompt_ids[:max_length]
-    return prompt_ids, answer_ids[: max_length - len(prompt_ids)]
-
-
-def sft_rows(rows, source):
-    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows; as in the
-    reference, an Alpaca prompt is `instruction + " " + input` (or the instruction alone when input is empty)."""
-    pairs = []
-    for row_number, row in enumerate(rows, start=1):
-        if row.get("prompt") is not None and row.get("response") is not None:
-            fields = {"prompt": row["prompt"], "response": row["response"]}
-        elif row.get("instruction") is not None and row.get("output") is not None:
-            fields = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
-        else:
-            present = sorted(k for k, v in row.items() if v is not None)
-            raise InputError(
-                f"{where(source, row_number)}: needs the fields 'prompt' and 'response' (or Alpaca's "
-                f"'instruction' and 'output'); it has {present}"
-            )
-        for name, value in fields.items():
-            if not isinstance(value, str) or (not value.strip() and name != "input"):
-                raise InputError(
-                    f"{where(source, row_number)}, field '{name}': expected a non-empty string, got {value!r}"
-                )
-        if "prompt" in fields:
-            pairs.append((fields["prompt"], fields["response"]))
-        else:
-            instruction, extra = fields["instruction"], fields["input"]
-            pairs.append((f"{instruction} {extra}" if extra else instruction, fields["output"]))
-    return pairs
-
-
-def sft_examples(tokenizer, pairs, max_length):
-    """Token ids and labels (-100 on the prompt), dropping rows truncated to nothing of their answer."""
-    examples, dropped = [], 0
-    for prompt, response in pairs:
-        prompt_ids, answer_ids = tokenize_prompt_and_answer(tokenizer, prompt, response, max_length)
-        if not answer_ids:
-            dropped += 1
-            continue
-        examples.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
-    return examples, dropped
-
-
-def collate(examples, pad_token_id):
-    """Right-pad to the longest sequence of the micro-batch."""
-    length = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id)
-    labels = torch.full((len(examples), length), -100)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = (
-            torch.tensor(e["input_ids"]),
-            torch.tensor(e["labels"]),
-            1,
-        )
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
 def main():
     args = parse_args(Args)
-    saved_states = check_before_start(args)  # the output directory, and the saved states of a stopped run
+    names = (
+        "actor_model reference_model reward_model cost_model reward_critic_model cost_critic_model prompt_data ptx_data"
+    )
+    inputs = {name: getattr(args, name) for name in names.split()}
+    saved_states = check_output_dir(args, "ppo_lagrangian.py", inputs)  # before any work; what --resume continues from
     rank, args.world_size, device = setup_distributed()
     args.rollout_batch_size = args.per_device_prompt_batch_size * args.world_size
     args.minibatches_per_rollout = args.per_device_prompt_batch_size // args.per_device_train_batch_size
@@ -510,15 +434,15 @@ def main():
     multiplier = LagrangeMultiplier(args, device)  # λ, its update rule and its state
     episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last raw episode costs C(x, y)
     run = start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, episode_costs)
-    prompt_batches = endless(*prompt_loader, skip=run.rollout)  # this rank's prompts (token ids), batch after batch
-    ptx_batches = endless(*ptx_loader, skip=run.update_step) if ptx_loader else None
+    prompt_batches = (batch for _, batch in passes(prompt_loader, len(prompt_loader), run.rollout))  # this rank's
+    ptx_batches = (batch for _, batch in passes(ptx_loader, len(ptx_loader), run.update_step)) if ptx_loader else None
     # the variant, resolved once: what the reward stream learns at the answer's end (R, or R - λ0·C for
     # reward_shaping) and what the cost stream learns (C, or {C - d}⁺ with the rectified constraint)
     lambda0 = args.lambda_init if args.algorithm == "reward_shaping" else 0.0
-    cost_to_learn = rectified_costs if args.constraint == "rectified" else expected_costs
+    cost_to_learn = (lambda c: rectified_costs(c, args.cost_limit)) if args.constraint == "rectified" else (lambda c: c)
     sampling = sampling_config(args, tokenizer)
     if rank == 0:
-        print(describe_run(args, prompts_line, ptx_loader, use_bf16, trained))
+        print(describe_run(args, prompts_line, ptx_loader, use_bf16))
 
     # ---- the PPO-Lagrangian loop (paper §3.3; docs/math.md §4) ----
     progress, start_time = progress_bar(total_rollouts, args.algorithm, rank, initial=run.rollout), time.time()
@@ -545,7 +469,7 @@ def main():
         # 3. per-token rewards and costs with the split KL penalty: r_t = -β·k_t + [t=T]·R, c_t = +β·k_t + [t=T]·C
         penalty = (old_log_probs, ref_log_probs, answer_mask, args.kl_coeff, args.clip_range_score)
         rewards = kl_penalized_rewards(shaped_end_rewards(end_rewards, end_costs, lambda0), *penalty)  # (B, T)
-        costs = kl_penalized_costs(cost_to_learn(end_costs, args.cost_limit), *penalty)  # (B, T)
+        costs = kl_penalized_costs(cost_to_learn(end_costs), *penalty)  # (B, T)
         # 4. GAE, separately for each stream with a critic: rewards (with V_R) and, for ppo_lag, costs (with V_C)
         advantages, returns = {}, {}
         for stream in critics:
@@ -561,12 +485,17 @@ def main():
             #    once per rollout, but λ moves at every update step, as in the reference's rl_step
             lagrange_multiplier = multiplier.update(episode_costs)
 
-            # 6. actor: the clipped surrogate on the combined advantage (λ is a number here, not a tensor)
+            # 6. actor: the clipped surrogate on the combined advantage (λ is a number here, not a tensor). With PTX
+            #    its gradient stays on each rank (no_sync) and the PTX backward reduces the sum: one step on both
             advantage = actor_advantages(advantages, mb, lagrange_multiplier)  # (b, T)
-            with autocast:
-                log_probs = answer_log_probs(actor, sequences[mb], attention_mask[mb], P)  # (b, T)
-            loss = actor_loss(log_probs, old_log_probs[mb], advantage, answer_mask[mb], args.clip_range_ratio)
-            losses = {"actor": loss} | backward_actor(actor, loss, ptx_batches, args, device, autocast)  # (+ PTX)
+            with no_sync(actor, enabled=ptx_batches is not None):
+                with autocast:
+                    log_probs = answer_log_probs(actor, sequences[mb], attention_mask[mb], P)  # (b, T)
+                loss = actor_loss(log_probs, old_log_probs[mb], advantage, answer_mask[mb], args.clip_range_ratio)
+                loss.backward()
+            losses = {"actor": loss} | (
+                {"ptx": ptx_backward(actor, next(ptx_batches), args, device, autocast)} if ptx_batches else {}
+            )
 
             # 7. critics: the clipped value loss towards the GAE returns, for each stream
             for stream, critic in critics.items():
@@ -591,11 +520,12 @@ def main():
         kl_per_token = old_log_probs - ref_log_probs  # (B, T)
         metrics = rollout_metrics(rollout, end_rewards, end_costs, kl_per_token, answer_mask, sums, episode_costs, args)
         metrics |= multiplier.metrics() | {"train/actor_lr": optimizers["actor"][1].get_last_lr()[0]}
-        reward, cost = metrics["objective/reward"], metrics["objective/cost"]
-        progress.set_postfix(reward=f"{reward:.2f}", cost=f"{cost:.2f}", refresh=False)  # shown at the next refresh
+        progress.set_postfix(
+            reward=f"{metrics['objective/reward']:.2f}", cost=f"{metrics['objective/cost']:.2f}", refresh=False
+        )
         progress.update(1)
         if rank == 0 and (rollout % args.logging_steps == 0 or rollout == total_rollouts):
-            log_metrics(run.partial, run.tracker, rollout, metrics)
+            log_metrics(run, rollout, metrics)
         if args.save_steps and rollout % args.save_steps == 0 and rollout < total_rollouts:
             save_ppo_state(args, rollout, run, trained, optimizers, multiplier, episode_costs, rank, device)
     progress.close()
@@ -625,21 +555,13 @@ def actor_advantages(advantages, minibatch, lagrange_multiplier):
     return combined_advantages(advantages["reward"][minibatch], advantages["cost"][minibatch], lagrange_multiplier)
 
 
-def backward_actor(actor, policy_loss, ptx_batches, args, device, autocast):
-    """The actor's gradient: of the PPO loss, or with --ptx_data of PPO + ptx_coeff × the SFT loss on a batch of SFT
-    data, summed into one optimiser step as the reference does: the PPO backward stays local (no_sync), the PTX
-    backward all-reduces the sum. Returns the PTX loss to log ({} without PTX)."""
-    if ptx_batches is None:
-        policy_loss.backward()
-        return {}
-    with no_sync(actor):
-        policy_loss.backward()
-    batch = {k: v.to(device) for k, v in next(ptx_batches).items()}
+def ptx_backward(actor, batch, args, device, autocast):
+    """PTX (docs/math.md §4.7): ptx_coeff × the SFT loss of sft.py on a batch of SFT data (the mean over its answer
+    tokens, as transformers computes it from the labels) is added to the actor's gradient. Returns that loss."""
     with autocast:
-        logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ptx_loss = sft_loss_sum(logits, batch["labels"]) / count_answer_tokens(batch["labels"])
+        ptx_loss = actor(**{k: v.to(device) for k, v in batch.items()}).loss
     (args.ptx_coeff * ptx_loss).backward()
-    return {"ptx": ptx_loss}
+    return ptx_loss
 
 
 def step_trained_models(trained, optimizers, losses, args, when):
@@ -649,8 +571,8 @@ def step_trained_models(trained, optimizers, losses, args, when):
     dist.all_reduce(checked)
     max_norm = args.max_grad_norm or float("inf")
     grad_norms = {
-        f"grad_norm/{name}": torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        for name, model in trained.items()
+        f"grad_norm/{name}": torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm).item()
+        for name, m in trained.items()
     }
     check_finite({**{f"loss/{k}": v / args.world_size for k, v in zip(losses, checked.tolist())}, **grad_norms}, when)
     for optimizer, scheduler in optimizers.values():
@@ -677,41 +599,22 @@ def rollout_metrics(rollout, end_rewards, end_costs, kl, answer_mask, sums, epis
 
 
 # ---- setup for this stage (skip on a first reading) ----
-def check_before_start(args):
-    """Before any work: the output directory (ours to write, no input inside it) and the saved states of a stopped run
-    (what --resume continues from)."""
-    names = "actor_model reference_model reward_model cost_model reward_critic_model cost_critic_model prompt_data"
-    names = names.split() + ["ptx_data"]
-    check_output_dir(
-        args.output_dir, args.overwrite_output_dir, "ppo_lagrangian.py", {n: getattr(args, n) for n in names}
-    )
-    return resumable_states(args.output_dir, args.resume, args.overwrite_output_dir)
-
-
 def sampling_config(args, tokenizer):
     """The rollout's sampling: the full policy at --temperature and --top_p (top_k 0: no cut), the KV cache, and the
     pad token never sampled (it marks the end of an answer)."""
-    return GenerationConfig(
-        do_sample=True,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=0,
-        use_cache=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        suppress_tokens=[tokenizer.pad_token_id],
-    )
+    return GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, use_cache=True,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, suppress_tokens=[tokenizer.pad_token_id])  # fmt: skip
 
 
-def describe_run(args, prompts_line, ptx_loader, use_bf16, trained):
-    """The start-up line: the variant, the prompts and the rollout budget, the memory of the trained models."""
+def describe_run(args, prompts_line, ptx_loader, use_bf16):
+    """The start-up line: the variant, the prompts and the rollout budget."""
     share = f", at most {args.tolerance:.0%} of answers over it" if args.constraint == "rectified" else ""
     variant = f" ({args.constraint} constraint, d = {args.cost_limit}{share}, λ by {args.lambda_update})"
+    reference = f" (π_ref {args.reference_model})" if args.reference_model else ""
     return (
         f"{args.algorithm}{variant if args.algorithm == 'ppo_lag' else ''}: {prompts_line}, kl_coeff {args.kl_coeff}"
-        f"{f' (π_ref {args.reference_model})' if args.reference_model else ''}, "
-        f"PTX {'on' if ptx_loader else 'off'}, bf16 {use_bf16}, {describe_memory(trained.values(), args.fsdp)}"
+        f"{reference}, PTX {'on' if ptx_loader else 'off'}, bf16 {use_bf16}"
     )
 
 
@@ -722,18 +625,19 @@ def load_policy_tokenizer(path):
         raise InputError(
             f"{path}: the tokenizer's pad token must exist and differ from EOS; start from an sft.py checkpoint"
         )
+    tokenizer.padding_side = "right"  # for the PTX batches (the rollout left-pads its prompts itself)
     return tokenizer
 
 
 def load_prompts(args, tokenizer, rank):
     """The distinct prompts, tokenised with the template (PKU-SafeRLHF repeats prompts across rows: each is used once
     per pass), and a loader of this rank's prompt batches. A rollout batch larger than the prompt set repeats the
-    prompts within a pass. Returns ((loader, sampler), rollouts to run, the start-up line's words on them)."""
+    prompts within a pass. Returns (the loader, rollouts to run, the start-up line's words on them)."""
     prompts = []
-    for row_number, row in enumerate(load_rows(args.prompt_data, args.prompt_split), start=1):
+    for number, row in load_rows(args.prompt_data, args.prompt_split):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             found = "missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"
-            raise InputError(f"{where(args.prompt_data, row_number)}, field 'prompt': {found}")
+            raise InputError(f"{args.prompt_data}, row {number}, field 'prompt': {found}")
         prompts.append(row["prompt"])
     distinct = list(dict.fromkeys(prompts))
     all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct]
@@ -742,61 +646,31 @@ def load_prompts(args, tokenizer, rank):
         raise InputError(
             f"{args.prompt_data}: no usable prompts (every one is at least --max_length {args.max_length} tokens)"
         )
-    copies = math.ceil(args.rollout_batch_size / len(prompt_ids))
-    if (
-        copies > 1 and rank == 0
-    ):  # a rollout batch larger than the prompt set: each pass holds every prompt `copies` times
-        logging.warning(
-            f"{args.prompt_data}: {len(prompt_ids)} distinct prompts, fewer than one rollout batch "
-            f"({args.rollout_batch_size} answers): each prompt is answered {copies} times per pass"
-        )
-    sampler = DistributedSampler(prompt_ids * copies, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(
-        prompt_ids * copies,
-        batch_size=args.per_device_prompt_batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=list,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    copies = math.ceil(args.rollout_batch_size / len(prompt_ids))  # a rollout batch larger than the prompt set
+    if copies > 1 and rank == 0:
+        print(f"warning: {args.prompt_data}: {len(prompt_ids)} distinct prompts, fewer than one rollout batch "
+              f"({args.rollout_batch_size} answers): each is answered {copies} times per pass", file=sys.stderr)  # fmt: skip
+    loader = data_loader(prompt_ids * copies, args.per_device_prompt_batch_size, args.seed, list)
     total_rollouts = args.max_steps if args.max_steps > 0 else len(loader) * args.epochs
     updates = total_rollouts * args.update_iters * args.minibatches_per_rollout
     line = (
         f"{len(distinct)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids)} dropped: "
         f"not shorter than max_length), world size {args.world_size}, {args.rollout_batch_size} answers per "
-        f"rollout, {total_rollouts} rollouts: each prompt answered "
-        f"{total_rollouts * args.rollout_batch_size / len(prompt_ids):.1f} times "
-        f"({total_rollouts / len(loader):.2f} passes), {updates} update steps"
+        f"rollout, {total_rollouts} rollouts: each prompt answered {total_rollouts * args.rollout_batch_size / len(prompt_ids):.1f} "
+        f"times ({total_rollouts / len(loader):.2f} passes), {updates} update steps"
     )
-    return (loader, sampler), total_rollouts, line
+    return loader, total_rollouts, line
 
 
 def load_ptx_data(args, tokenizer):
     """The PTX loader of SFT examples (--ptx_data), one batch per update step; None without it."""
     if not args.ptx_data:
         return None
-    examples, _ = sft_examples(
-        tokenizer, sft_rows(load_rows(args.ptx_data, args.ptx_split), args.ptx_data), args.max_length
-    )
+    pairs = sft_rows(load_rows(args.ptx_data, args.ptx_split), args.ptx_data)
+    examples, _ = sft_examples(tokenizer, pairs, args.max_length)
     if len(examples) < args.per_device_train_batch_size * args.world_size:
         raise InputError(f"{args.ptx_data}: too few usable rows for one PTX batch")
-    sampler = DistributedSampler(examples, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(
-        examples,
-        batch_size=args.per_device_train_batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    return loader, sampler
-
-
-def endless(loader, sampler, skip):
-    """The batches of a DataLoader, pass after pass, each pass shuffled anew; the first SKIP left out (used already
-    by the run a resume continues)."""
-    for _, batch in passes(loader, sampler, len(loader), skip):
-        yield batch
+    return data_loader(examples, args.per_device_train_batch_size, args.seed, DataCollatorForSeq2Seq(tokenizer))
 
 
 def load_models(args, tokenizer, device, use_bf16):
@@ -806,31 +680,30 @@ def load_models(args, tokenizer, device, use_bf16):
     "cost": V_C} for ppo_lag. The frozen models in bf16 where bf16 is used; the trained ones in fp32, under DDP or
     FSDP2."""
     for name in ("reference_model", "reward_model", "cost_model", "reward_critic_model", "cost_critic_model"):
-        path = getattr(args, name) or None
+        path = getattr(args, name)
         if path and load_pretrained(AutoTokenizer, path).get_vocab() != tokenizer.get_vocab():
-            raise InputError(
-                f"{path}: its tokenizer differs from the actor's ({args.actor_model}); the reference and the score "
-                "models must come from the same SFT model"
-            )
-    frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32
+            raise InputError(f"{path}: its tokenizer differs from the actor's ({args.actor_model}); the reference and "
+                             "the score models must come from the same SFT model")  # fmt: skip
 
-    def frozen(model_class, path):
-        return load_pretrained(model_class, path, dtype=frozen_dtype).requires_grad_(False).eval()
+    def frozen(model_class, path):  # bf16 where bf16 is used, sharded with --fsdp (every unit freed after its forward)
+        model = load_pretrained(model_class, path, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+        model = model.requires_grad_(False).eval()
+        return fsdp_shard(model, use_bf16, reshard_root=True) if args.fsdp else model.to(device)
 
     actor = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=torch.float32)
     reference = frozen(AutoModelForCausalLM, args.reference_model or args.actor_model)
-    reward_model = frozen(AutoModelForSequenceClassification, args.reward_model)
-    cost_model = frozen(AutoModelForSequenceClassification, args.cost_model)
+    reward_model, cost_model = (
+        frozen(AutoModelForSequenceClassification, path) for path in (args.reward_model, args.cost_model)
+    )
     if len(tokenizer) > actor.get_input_embeddings().num_embeddings:
         raise InputError(
-            f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start "
-            "from an sft.py checkpoint"
+            f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start from an sft.py checkpoint"
         )
     for model, flag in ((actor, "actor_model"), (reference, "reference_model")):
         if getattr(model.config, "objective", None):  # written by preference_model.py: a score model, not a policy
+            path = getattr(args, flag) or args.actor_model
             raise InputError(
-                f"{getattr(args, flag)}: this is a {model.config.objective} model, not a policy; "
-                f"give the SFT model as --{flag}"
+                f"{path}: this is a {model.config.objective} model, not a policy; give the SFT model as --{flag}"
             )
     for score_model, expected, path in (
         (reward_model, "reward", args.reward_model),
@@ -855,105 +728,124 @@ def load_models(args, tokenizer, device, use_bf16):
             enable_activation_checkpointing(model)
     actor = wrap_trained_model(actor, device, args.fsdp, use_bf16)
     critics = {stream: wrap_trained_model(critic, device, args.fsdp, use_bf16) for stream, critic in critics.items()}
-    reference, reward_model, cost_model = (
-        wrap_frozen_model(model, device, args.fsdp, use_bf16) for model in (reference, reward_model, cost_model)
-    )
     return actor, reference, reward_model, cost_model, critics
 
 
+def check_objective(objective, expected, path):
+    """A score model must be the kind it is given as (config.objective, written by preference_model.py): a swapped or
+    foreign model would train towards harm, or call harmful answers safe (the cost sign is easy to flip)."""
+    if objective != expected:
+        found = f"this is a {objective} model" if objective else (
+            f"its config has no 'objective' (preference_model.py writes it; for a model from elsewhere add "
+            f'"objective": "{expected}" to its config.json)')  # fmt: skip
+        raise InputError(f"{path}: {found}, but it was given as the {expected} model")
+
+
 def ppo_optimizers(trained, args, total_updates):
-    """{name: (AdamW, schedule)} for the actor (actor_* flags) and the critics (critic_* flags); no decay on norms
-    and biases."""
+    """{name: (AdamW, schedule)} for the actor (actor_* flags) and the critics (critic_* flags)."""
     optimizers = {}
     for name, model in trained.items():
         role = "actor" if name == "actor" else "critic"
-        lr, decay, schedule, warmup = (
-            getattr(args, f"{role}_{key}") for key in ("lr", "weight_decay", "lr_scheduler", "lr_warmup_ratio")
-        )
-        groups = [
-            {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": decay},
-            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
-        scheduler = get_scheduler(
-            schedule, optimizer, num_warmup_steps=math.ceil(warmup * total_updates), num_training_steps=total_updates
-        )
-        optimizers[name] = (optimizer, scheduler)
+        settings = (getattr(args, f"{role}_{key}") for key in ("lr", "weight_decay", "lr_scheduler", "lr_warmup_ratio"))
+        optimizers[name] = adamw(model, *settings, args, total_updates)
     return optimizers
 
 
 def start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, episode_costs):
-    """The run's bookkeeping: OUTPUT_DIR.partial (locked), the tracker, and the rollouts and update steps done (the
-    prompts and PTX batches used). With --resume the saved state is put back: the models, their optimisers and
-    schedules, λ's state, the episode-cost window and the generators."""
-    partial, lock = start_output_dir(args.output_dir, args.resume, rank)
-    tracker = start_tracker(args.report_to, partial, args) if rank == 0 else None
-    run = SimpleNamespace(partial=partial, lock=lock, tracker=tracker, rollout=0, update_step=0)
-    if saved_states:
-        modules = {name: (model, optimizers[name][0]) for name, model in trained.items()}
-        _, saved = load_state(saved_states, args, modules, rank)
-        multiplier.load_state_dict(saved["multiplier"])
-        episode_costs.extend(saved["episode_costs"])
-        for (_, scheduler), state in zip(optimizers.values(), saved["schedulers"]):
+    """The run (start_run), and what a resume puts back besides the models and optimisers: the schedules, λ's state,
+    the episode-cost window, and the rollouts and update steps done (the prompts and PTX batches used)."""
+    modules = {name: (model, optimizers[name][0]) for name, model in trained.items()}
+    run = start_run(args, rank, saved_states, modules, RESUME_MAY_CHANGE)
+    run.rollout, run.update_step = run.state.get("rollout", 0), run.state.get("update_step", 0)
+    if run.state:
+        multiplier.load_state_dict(run.state["multiplier"])
+        episode_costs.extend(run.state["episode_costs"])
+        for (_, scheduler), state in zip(optimizers.values(), run.state["schedulers"]):
             scheduler.load_state_dict(state)
-        run.rollout, run.update_step = saved["rollout"], saved["update_step"]
-        if rank == 0:
-            trim_metrics(partial, "rollout", run.rollout)
     return run
 
 
 def save_ppo_state(args, rollout, run, trained, optimizers, multiplier, episode_costs, rank, device):
-    """A resumable state (OUTPUT_DIR.partial/checkpoint-N): the trained models and their optimisers, and per rank
-    the counters, schedules, λ's state and the episode-cost window. Never a non-finite model."""
+    """A resumable state (save_state): the trained models and optimisers, and per rank the counters, schedules, λ's
+    state and the episode-cost window. Never a non-finite model."""
     check_finite_weights(trained.values(), device)
-    state = {
-        "rollout": rollout,
-        "update_step": run.update_step,
-        "multiplier": multiplier.state_dict(),
-        "episode_costs": list(episode_costs),
-        "schedulers": [s.state_dict() for _, s in optimizers.values()],
-    }
-    modules = {name: (model, optimizers[name][0]) for name, model in trained.items()}
-    save_state(args.output_dir, rollout, modules, state, args, rank)
+    counters = {"rollout": rollout, "update_step": run.update_step, "multiplier": multiplier.state_dict(),
+                "episode_costs": list(episode_costs), "schedulers": [s.state_dict() for _, s in optimizers.values()]}  # fmt: skip
+    save_state(args, rollout, {name: (model, optimizers[name][0]) for name, model in trained.items()}, counters, rank)
 
 
 def save_policy(args, trained, tokenizer, multiplier, rollouts, run, rank, device, start_time):
-    """The actor (and with --save_critics the critics) as Hugging Face checkpoints, swapped into OUTPUT_DIR. Every
-    rank takes part (under FSDP the weights are gathered from the shards); rank 0 writes. No model with a NaN or
-    infinite weight is ever saved."""
+    """The actor (and with --save_critics the critics) as Hugging Face checkpoints, renamed into OUTPUT_DIR. Every rank
+    takes part (under FSDP the weights are gathered from the shards); rank 0 writes. Never a non-finite model."""
     check_finite_weights(trained.values(), device)
     critics = {name: model for name, model in trained.items() if name != "actor" and args.save_critics}
     save_model(unwrap(trained["actor"]), run.partial, rank)
-    for name, critic in critics.items():  # (run.partial is None on ranks > 0: they only send their shards)
-        save_model(unwrap(critic).score_model, run.partial and run.partial / name, rank)
+    for name, critic in critics.items():
+        save_model(unwrap(critic).score_model, run.partial / name, rank)
     if rank == 0:
-        stop_tracker(run.tracker)
         for directory in [run.partial] + [run.partial / name for name in critics]:
             tokenizer.save_pretrained(directory)
-        write_args(run.partial, args, "ppo_lagrangian.py")
         training_state = {"rollouts": rollouts, "lambda": multiplier.value}
         (run.partial / "training_state.json").write_text(json.dumps(training_state, indent=2))
-        finish_output_dir(run.partial, args.output_dir, run.lock)
-        memory = (
-            f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    finish_run(run, args, "ppo_lagrangian.py", rank, device, start_time)
+
+
+def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
+    """Token ids of the templated prompt and of the answer + EOS, max_length in all. The answer is tokenised where a
+    model meets it, after the prompt in one text, then cut off by the prompt's own token count: with SentencePiece
+    tokenizers `" " + answer` alone gives other tokens than a model generates after `ASSISTANT:` (docs/math.md §1)."""
+    prompt_text = PROMPT_TEMPLATE.format(prompt=prompt)
+    prompt_ids = tokenizer(prompt_text)["input_ids"][:max_length]
+    answer_ids = tokenizer(prompt_text + " " + answer.strip())["input_ids"][len(prompt_ids) :]
+    return prompt_ids, (answer_ids + [tokenizer.eos_token_id])[: max_length - len(prompt_ids)]
+
+
+def sft_rows(rows, source):
+    """(prompt, response) pairs from {prompt, response} rows or Alpaca {instruction, input, output} rows; as in the
+    reference, an Alpaca prompt is `instruction + " " + input` (or the instruction alone when input is empty)."""
+    pairs = []
+    for number, row in rows:
+        if row.get("prompt") is not None and row.get("response") is not None:
+            fields = {"prompt": row["prompt"], "response": row["response"]}
+        elif row.get("instruction") is not None and row.get("output") is not None:
+            fields = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+        else:
+            present = sorted(k for k, v in row.items() if v is not None)
+            raise InputError(
+                f"{source}, row {number}: needs the fields 'prompt' and 'response' (or Alpaca's 'instruction' and "
+                f"'output'); it has {present}"
+            )
+        for name, value in fields.items():
+            if not isinstance(value, str) or (not value.strip() and name != "input"):
+                raise InputError(f"{source}, row {number}, field '{name}': expected a non-empty string, got {value!r}")
+        extra = f" {fields['input']}" if fields.get("input") else ""
+        pairs.append(
+            (fields["prompt"], fields["response"])
+            if "prompt" in fields
+            else (fields["instruction"] + extra, fields["output"])
         )
-        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s{memory})")
-    dist.barrier()
-    dist.destroy_process_group()
+    return pairs
+
+
+def sft_examples(tokenizer, pairs, max_length):
+    """Token ids and labels (-100 on the prompt), dropping rows truncated to nothing of their answer."""
+    tokenized = [tokenize_prompt_and_answer(tokenizer, prompt, response, max_length) for prompt, response in pairs]
+    examples = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in tokenized if a]
+    return examples, len(pairs) - len(examples)
 
 
 # ---- plumbing shared by the four scripts (tests/test_shared_code.py: a name defined in several has the same code) ----
 class InputError(Exception):
-    """Bad input from the user: printed as a one-line error, exit status 1, nothing written."""
+    """Bad input: printed as one line (exit status 1), with nothing written."""
 
 
 def parse_args(args_class):
-    """The Args dataclass from the command line, Hugging Face style: `--name value`, `--flag` / `--no_flag`, the
-    help of each flag from its field, the module docstring as the description of `--help`."""
+    """Args the Hugging Face way (`--name value`, `--flag`/`--no_flag`, --help); every float a finite number."""
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    description = sys.modules[args_class.__module__].__doc__
-    parser = HfArgumentParser(args_class, description=description, formatter_class=formatter)
-    return parser.parse_args_into_dataclasses()[0]
+    doc = sys.modules[args_class.__module__].__doc__
+    args = HfArgumentParser(args_class, description=doc, formatter_class=formatter).parse_args_into_dataclasses()[0]
+    require(args, " ".join(k for k, v in vars(args).items() if isinstance(v, float)), math.isfinite, "a finite number")
+    return args
 
 
 def require(args, names, ok, allowed):
@@ -963,25 +855,14 @@ def require(args, names, ok, allowed):
             raise InputError(f"--{name} {getattr(args, name)}: must be {allowed}")
 
 
-def require_finite(args):
-    """Every float argument a number: NaN would pass every range check above unnoticed (NaN > 0 is False, so is
-    NaN <= 0), and infinity is no learning rate, limit or coefficient."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{name} {value}: must be a finite number")
-
-
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python X.py` is a world of one (no ports needed)."""
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # (a test may call main() again in the same process)
+        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -992,369 +873,156 @@ def mixed_precision(enabled, device):
 
 
 def sibling(output_dir, suffix):
-    """OUTPUT_DIR.partial (the run's working directory) or OUTPUT_DIR.old, beside OUTPUT_DIR. The path is resolved
-    first, so that `.`, `..` or a trailing slash name the directory itself."""
+    """OUTPUT_DIR.partial (a run's working directory) or OUTPUT_DIR.old; `.`, `..` and `dir/` name the directory."""
     output = Path(output_dir).resolve()
     return output.with_name(output.name + suffix)
 
 
-def finished_by(directory):
-    """The script whose finished output DIRECTORY is (the "script" its args.json names), or None."""
-    try:
-        return json.loads((Path(directory) / "args.json").read_text()).get("script")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def is_locked(lock_file):
-    """Whether a live process holds the run lock on LOCK_FILE (a killed process's lock dies with it)."""
-    with open(lock_file, "a") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(file, fcntl.LOCK_UN)
-        return False
-
-
-def check_output_dir(output_dir, overwrite, script, inputs):
-    """Before any work, on every rank, reading only: OUTPUT_DIR must be a place this run may write and, at the end,
-    replace. Refused: a file, a path under a file, an unwritable place, the current directory or one that holds it,
-    a directory that is, holds or lies inside a local input (INPUTS: {flag: path}); an existing non-empty directory
-    that is not a finished output of SCRIPT, unless --overwrite_output_dir; an OUTPUT_DIR.partial that another live
-    run is writing, or one this code did not make (no .lock in it), unless --overwrite_output_dir."""
-    output, flag = Path(output_dir).resolve(), f"--output_dir {output_dir}"
+def check_output_dir(args, script, inputs):
+    """Before any work, reading only: refuse an OUTPUT_DIR this run may not replace at its end (docs/robustness.md).
+    Returns the saved states of a stopped run that --resume continues from, newest first."""
+    output, partial, flag = Path(args.output_dir).resolve(), sibling(args.output_dir, ".partial"), "--output_dir"
     existing = next(path for path in (output, *output.parents) if path.exists())
-    if existing.is_file():
-        raise InputError(f"{flag}: {existing} is a file" + ("; give a directory" if existing == output else ""))
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"{flag}: {existing} is not writable")
-    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
-        raise InputError(f"{flag}: is the current directory or holds it; give a directory of its own")
-    for name, value in inputs.items():
-        source = Path(value).resolve() if value else None
-        if source and source.exists() and (output == source or source in output.parents or output in source.parents):
-            raise InputError(f"{flag}: is, holds or lies inside the input --{name} {value}; finishing would replace it")
-    if output.is_dir() and any(output.iterdir()) and finished_by(output) != script and not overwrite:
-        raise InputError(
-            f"{flag}: exists and is not a finished output of {script} (its args.json would say so), so this run will "
-            "not replace it; give a new directory, or --overwrite_output_dir to replace it and everything in it"
-        )
-    partial = sibling(output_dir, ".partial")
-    if (partial / ".lock").is_file() and is_locked(partial / ".lock"):
-        raise InputError(f"{flag}: another run is writing it (it holds the lock on {partial}); wait for it to end")
-    if partial.exists() and not (partial / ".lock").is_file() and not overwrite:
-        raise InputError(
-            f"{flag}: {partial} exists but was not made by these scripts (no .lock in it); remove it, or give "
-            "--overwrite_output_dir to let this run empty it"
-        )
-
-
-def resumable_states(output_dir, resume, overwrite):
-    """The saved states OUTPUT_DIR.partial/checkpoint-N of a stopped run, newest first: what --resume continues from
-    ([] without --resume). Saved states are never dropped silently: a run without --resume that finds some is refused,
-    unless --overwrite_output_dir."""
-    partial = sibling(output_dir, ".partial")
-    states = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]), reverse=True)
+    if existing.is_file() or not os.access(existing, os.W_OK):
+        raise InputError(f"{flag} {args.output_dir}: {existing} is a file or is not writable")
+    places = {f"the input --{k} {v}": Path(v).resolve() for k, v in inputs.items() if v}
+    for name, place in {"the current directory": Path.cwd().resolve(), **places}.items():
+        if place.exists() and (output in (place, *place.parents) or (place in output.parents and name in places)):
+            raise InputError(f"{flag} {args.output_dir}: is, holds or lies inside {name}")
+    try:
+        owner = json.loads((output / "args.json").read_text())["script"]  # what makes it a finished output
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = None
+    if output.is_dir() and any(output.iterdir()) and owner != script and not args.overwrite_output_dir:
+        raise InputError(f"{flag} {args.output_dir}: exists and is not a finished output of {script}; give a new "
+                         "directory, or --overwrite_output_dir to replace it and everything in it")  # fmt: skip
+    resume, states = getattr(args, "resume", False), sorted(partial.glob("checkpoint-*[0-9]"), key=step_of)[::-1]
     if resume and not states:
         raise InputError(f"--resume: no saved state (checkpoint-N) in {partial} to resume from")
-    if states and not resume and not overwrite:
-        raise InputError(
-            f"{partial} holds the saved states {', '.join(path.name for path in states)} of a stopped run: pass "
-            "--resume to continue it, or --overwrite_output_dir to start over"
-        )
+    if states and not resume and not args.overwrite_output_dir:
+        raise InputError(f"{partial} holds the saved states of a stopped run: pass --resume to continue it, or "
+                         "--overwrite_output_dir to start over")  # fmt: skip
     return states if resume else []
 
 
 def start_output_dir(output_dir, resume, rank):
-    """Every rank calls it; rank 0 makes OUTPUT_DIR.partial, the run's working directory, and holds a lock on its
-    .lock file until the run ends: a second run into the same output is refused, and a killed run's lock dies with
-    it. Without --resume the directory is emptied of a stopped run's files. A final swap that a kill interrupted
-    (OUTPUT_DIR.old left, OUTPUT_DIR gone) is undone. Returns (OUTPUT_DIR.partial, the lock) on rank 0, else Nones."""
+    """Rank 0 makes OUTPUT_DIR.partial and locks it for the run (a second run into the same output is refused; a killed
+    run's lock dies with it), undoes a final swap a kill cut short and, unless --resume, empties it."""
     partial, old, output = sibling(output_dir, ".partial"), sibling(output_dir, ".old"), Path(output_dir).resolve()
-    lock, message = None, [None]
+    lock, error = None, [None]
     if rank == 0:
         partial.mkdir(parents=True, exist_ok=True)
         lock = open(partial / ".lock", "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            message[0] = f"--output_dir {output_dir}: another run is writing it (it holds the lock on {partial})"
-    dist.broadcast_object_list(message, src=0)  # every rank stops alike, or none does
-    if message[0]:
-        raise InputError(message[0])
-    if rank != 0:
-        return None, None
-    if old.exists() and not output.exists():
+            error[0] = f"--output_dir {output_dir}: another run is writing it (it holds the lock on {partial})"
+    dist.broadcast_object_list(error, src=0)  # every rank stops alike, or none does
+    if error[0]:
+        raise InputError(error[0])
+    if rank == 0 and old.exists() and not output.exists():
         old.rename(output)
-    for path in [] if resume else [path for path in partial.iterdir() if path.name != ".lock"]:
+    for path in [p for p in partial.iterdir() if p.name != ".lock"] if rank == 0 and not resume else []:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return partial, lock
 
 
-def finish_output_dir(partial, output_dir, lock):
-    """Rank 0: swap the finished directory in with renames, so OUTPUT_DIR is never half-written, then let go of the
-    lock. The resumable states (checkpoint-N) are not part of the finished output."""
-    for checkpoint in partial.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint)
-    output, old = Path(output_dir).resolve(), sibling(output_dir, ".old")
-    if old.exists():
-        shutil.rmtree(old)
+def finish_output_dir(partial, args, script, lock):
+    """Rank 0: args.json (naming SCRIPT: a finished output), then OUTPUT_DIR.partial renamed into place, so OUTPUT_DIR
+    is never half-written (the saved states are not part of it); then the lock goes."""
+    (partial / "args.json").write_text(json.dumps({"script": script, **dataclasses.asdict(args)}, indent=2))
+    output, old = Path(args.output_dir).resolve(), sibling(args.output_dir, ".old")
+    for path in [*partial.glob("checkpoint-*"), old]:
+        shutil.rmtree(path, ignore_errors=True)
     if output.exists():
         output.rename(old)
     partial.rename(output)
     (output / ".lock").unlink()
     lock.close()
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def write_args(directory, args, script):
-    """args.json: every argument, and the script that wrote the directory (what makes it a finished output)."""
-    (directory / "args.json").write_text(json.dumps({"script": script, **dataclasses.asdict(args)}, indent=2))
+def start_run(args, rank, saved_states, modules, may_change):
+    """A trainer's run: OUTPUT_DIR.partial and its lock, TensorBoard (--report_to), and with --resume the saved state."""
+    partial, lock = start_output_dir(args.output_dir, args.resume, rank)
+    state = load_state(saved_states, args, modules, rank, may_change) if saved_states else {}
+    tracker = SummaryWriter(partial / "runs") if rank == 0 and args.report_to == "tensorboard" else None
+    if rank == 0:
+        (partial / "metrics.jsonl").touch()
+    return SimpleNamespace(partial=partial, lock=lock, tracker=tracker, state=state)
 
 
-def check_finite(values, when):
-    """Stop before a weight moves if a loss or gradient norm (the same all-reduced numbers on every rank) is NaN or
-    infinite."""
-    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
-    if bad:
-        numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-        raise InputError(
-            f"{', '.join(bad)} became NaN or infinite {when} ({numbers}); stopped before the update, and OUTPUT_DIR "
-            "was left as it was. Lower the learning rate, or check the data and the models"
-        )
-
-
-def check_finite_weights(models, device):
-    """Every rank counts its (shards of) weights that hold a NaN or an infinity; a model is saved only if none does."""
-
-    def local(parameter):  # an FSDP shard: this rank's part
-        return parameter.to_local() if hasattr(parameter, "to_local") else parameter
-
-    bad = torch.tensor(float(sum(not torch.isfinite(local(p)).all() for m in models for p in m.parameters())))
-    bad = bad.to(device)
-    dist.all_reduce(bad)
-    if bad.item():
-        raise InputError(
-            f"{int(bad.item())} weight tensors hold NaN or infinite values; nothing was saved and OUTPUT_DIR was "
-            "left as it was"
-        )
-
-
-def load_rows(source, split):
-    """Rows (dicts) of a data set: a local .jsonl file, read here line by line so that an error names its line; a
-    local .json/.parquet/.csv file or a hub data set NAME[@REVISION], read by `datasets.load_dataset`. A field that a
-    row lacks is missing or None."""
-    import datasets
-
-    path = Path(source)
-    builder = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix.lower())
-    if builder and not path.is_file():
-        raise InputError(f"{source}: no such file")
-    if not builder and path.exists():
-        raise InputError(f"{source}: unknown format; give a .jsonl, .json, .parquet or .csv file, or a hub data set")
-    if builder and path.stat().st_size == 0:
-        raise InputError(f"{source}: no rows (the file is empty)")
-    if builder == "jsonl":
-        rows = read_jsonl(path)
-    else:
-        datasets.disable_progress_bars()
-        datasets.utils.logging.set_verbosity(logging.CRITICAL)  # a malformed file is reported once, below, as one line
-        name, _, revision = source.partition("@")
-        try:
-            if builder:
-                dataset = datasets.load_dataset(builder, data_files=source, split="train")
-            else:
-                dataset = datasets.load_dataset(name, split=split, revision=revision or None)
-            rows = list(dataset)  # (invalid UTF-8 shows only here, when the strings are decoded)
-        except (
-            Exception
-        ) as error:  # a malformed file (the library's message says where), offline, unknown name or split
-            cause = error.__cause__ or error
-            raise InputError(
-                f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}"
-            ) from None
-    if not rows:
-        raise InputError(f"{source}: no rows")
-    return rows
-
-
-def read_jsonl(path):
-    """The rows of a JSON Lines file: one JSON object per line, blank lines skipped, in one pass. An error names the
-    line: two objects on one line, a trailing comma, text that is not UTF-8, a value that is not an object."""
-    rows = []
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, start=1):
-            try:
-                text = line.decode("utf-8")
-                row = json.loads(text) if text.strip() else None
-                if text.strip() and not isinstance(row, dict):
-                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
-            except ValueError as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-                raise InputError(f"{path}, row {number}: not one JSON object: {error}") from None
-            if row is not None:
-                rows.append(row)
-    return rows
-
-
-def where(source, row_number):
-    """How an error names a row: by its line in a .jsonl file (blank lines hold no row), else by its number."""
-    if Path(source).suffix.lower() == ".jsonl":
-        row_number = jsonl_line_numbers(source)[row_number - 1]
-    return f"{source}, row {row_number}"
-
-
-@functools.lru_cache(maxsize=4)
-def jsonl_line_numbers(source):
-    """The line of each row of a .jsonl file, read once however many rows an error check names."""
-    with open(source, "rb") as file:
-        return [number for number, line in enumerate(file, start=1) if line.strip()]
-
-
-def passes(loader, sampler, per_pass, skip):
-    """(epoch, micro-batch) of pass after pass over the data, each shuffled anew (the sampler's epoch, the same on
-    every rank), PER_PASS micro-batches a pass; the first SKIP left out (a resumed run has trained on them)."""
-    first_epoch, skip = divmod(skip, per_pass)
-    for epoch in itertools.count(first_epoch):
-        sampler.set_epoch(epoch)
-        for i, batch in enumerate(itertools.islice(loader, per_pass)):
-            if epoch > first_epoch or i >= skip:  # (a resumed run loads the batches it already trained on, unused)
-                yield epoch, batch
-
-
-def check_objective(objective, expected, path):
-    """A score model must be the kind it is given as (config.objective, written by preference_model.py): a swapped or
-    foreign model would train towards harm, or call harmful answers safe (the cost sign is easy to flip)."""
-    if objective != expected:
-        found = (
-            f"this is a {objective} model"
-            if objective
-            else (
-                "its config has no 'objective' (preference_model.py writes it; for a model from elsewhere add "
-                f'"objective": "{expected}" to its config.json)'
-            )
-        )
-        raise InputError(f"{path}: {found}, but it was given as the {expected} model")
-
-
-def load_pretrained(model_class, name_or_path, **kwargs):
-    """from_pretrained with one clear line when it fails (an empty or foreign directory, a directory without a
-    tokenizer, an unknown hub id, no network)."""
-    path = Path(name_or_path)
-    if path.is_dir() and not any(path.iterdir()):
-        raise InputError(f"{name_or_path}: an empty directory, not a Hugging Face model")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if model_class is AutoTokenizer and path.is_dir() and not any((path / name).is_file() for name in tokenizer_files):
-        raise InputError(f"{name_or_path}: holds no tokenizer (none of {', '.join(tokenizer_files)})")
-    try:
-        return model_class.from_pretrained(name_or_path, **kwargs)
-    except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
-        raise InputError(
-            f"{name_or_path}: cannot load a model or tokenizer from it (not a local directory with one, and not on "
-            f"the hub): {' '.join(str(error).split())}"
-        ) from None
-
-
-def enable_activation_checkpointing(model):
-    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, ~1/3 more
-    compute). transformers 5 names it activation_checkpointing_enable (gradient_checkpointing_enable is its
-    deprecated alias, gone in 6); transformers 4 has only the old name."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def start_tracker(report_to, partial, args):
-    """The tracker asked for by --report_to: TensorBoard event files in OUTPUT_DIR/runs, a wandb run, or none."""
-    if report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(partial / "runs")
-    if report_to == "wandb":
-        import wandb  # optional: pip install wandb
-
-        return wandb.init(config=dataclasses.asdict(args), dir=partial)
-    return None
-
-
-def log_metrics(partial, tracker, step, metrics):
-    """One line of OUTPUT_DIR/metrics.jsonl, and the same numbers to the tracker."""
-    with open(partial / "metrics.jsonl", "a", encoding="utf-8") as file:
+def log_metrics(run, step, metrics):
+    """Rank 0: one line of OUTPUT_DIR/metrics.jsonl, and the same numbers to TensorBoard."""
+    with open(run.partial / "metrics.jsonl", "a", encoding="utf-8") as file:
         file.write(json.dumps(metrics) + "\n")
-    if hasattr(tracker, "add_scalar"):  # TensorBoard
-        for name, value in metrics.items():
-            tracker.add_scalar(name, value, step)
-    elif tracker is not None:  # wandb
-        tracker.log(metrics, step=step)
+    for name, value in metrics.items() if run.tracker else []:
+        run.tracker.add_scalar(name, value, step)
 
 
-def stop_tracker(tracker):
-    """Flush and close the tracker before OUTPUT_DIR.partial is renamed."""
-    if tracker is not None:
-        tracker.close() if hasattr(tracker, "add_scalar") else tracker.finish()
-
-
-def progress_bar(total, desc, rank, initial=0):
-    """A tqdm bar on rank 0: live in a terminal; in a log file one line every 30 s, not one per step."""
-    return tqdm(
-        total=total, initial=initial, desc=desc, disable=rank != 0, mininterval=0.1 if sys.stderr.isatty() else 30
-    )
-
-
-def save_state(output_dir, step, modules, rank_state, args, rank):
-    """OUTPUT_DIR.partial/checkpoint-N (N: optimiser steps, or rollouts): models and optimisers through
-    torch.distributed.checkpoint (each rank writes its part, shards under FSDP), per rank its counters, schedules and
-    random-number generators, and args.json (what a resume must match). Written as checkpoint-N.tmp, renamed when
-    complete; the newest two are kept."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    partial = sibling(output_dir, ".partial")
-    tmp, final = partial / f"checkpoint-{step}.tmp", partial / f"checkpoint-{step}"
-    if rank == 0 and tmp.exists():  # a save that a kill cut short
-        shutil.rmtree(tmp)
+def finish_run(run, args, script, rank, device, start_time):
+    """Rank 0 closes TensorBoard and renames OUTPUT_DIR.partial into place; then every rank leaves."""
+    if rank == 0:
+        if run.tracker:
+            run.tracker.close()
+        finish_output_dir(run.partial, args, script, run.lock)
+        memory = (
+            f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        )
+        print(f"saved {args.output_dir} ({time.time() - start_time:.0f} s{memory})")
     dist.barrier()
-    state = {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+    dist.destroy_process_group()
+
+
+def step_of(checkpoint):
+    """N of OUTPUT_DIR.partial/checkpoint-N."""
+    return int(checkpoint.name.split("-")[1])
+
+
+def save_state(args, step, modules, counters, rank):
+    """OUTPUT_DIR.partial/checkpoint-STEP: models and optimisers (MODULES: {name: (model, optimizer)}) through
+    torch.distributed.checkpoint (each rank its part), each rank's COUNTERS and random state, args.json and
+    metrics.jsonl. Written as .tmp, renamed when whole; the newest two are kept."""
+    partial = sibling(args.output_dir, ".partial")
+    tmp, final = partial / f"checkpoint-{step}.tmp", partial / f"checkpoint-{step}"
+    state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
     dcp.save(state, checkpoint_id=tmp)
-    generators = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save({**rank_state, "generators": generators}, tmp / f"rank{rank}.pt")
+    random_state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save({**counters, "random_state": random_state}, tmp / f"rank{rank}.pt")
     dist.barrier()  # every rank's part is written
     if rank == 0:
         (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        if final.exists():  # a state that could not be loaded (a resume went back past it): this one replaces it
-            shutil.rmtree(final)
+        shutil.copy(partial / "metrics.jsonl", tmp)
+        shutil.rmtree(final, ignore_errors=True)  # (a state that did not load, which this one replaces)
         tmp.rename(final)
-        for old in sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.rsplit("-", 1)[1]))[:-2]:
-            shutil.rmtree(old)
+        for older in sorted(partial.glob("checkpoint-*[0-9]"), key=step_of)[:-2]:
+            shutil.rmtree(older)
     dist.barrier()
 
 
-def load_state(states, args, modules, rank):
-    """Put the newest saved state of STATES that loads back: models and optimisers in place, this rank's generators
-    restored; returns its counters. A state saved with other training arguments is refused (a resume continues the
-    same run); a state that cannot be read (cut short, a file missing) is named, and the older one is tried."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+def load_state(states, args, modules, rank, may_change):
+    """The newest of STATES that loads, put back (models, optimisers, random state, metrics.jsonl); returns its
+    counters. Arguments other than MAY_CHANGE must be as saved: a resume continues the same run. A state that cannot
+    be read (cut short, a file missing) is named, and the one before it tried."""
     failures = []
     for checkpoint in states:
+        saved = json.loads((checkpoint / "args.json").read_text()) if (checkpoint / "args.json").is_file() else {}
+        for name, value in dataclasses.asdict(args).items() if saved else []:
+            if name not in may_change.split() and saved.get(name) != value:
+                was = f"--{name} is {value!r} but was {saved.get(name)!r} in the saved run ({checkpoint})"
+                was = (
+                    f"{checkpoint} was saved by {saved[name]} processes, this run has {value}"
+                    if name == "world_size"
+                    else was
+                )
+                raise InputError(
+                    f"--resume: {was}; a resume continues the same run (or start over: --overwrite_output_dir)"
+                )
         try:
-            saved_args = json.loads((checkpoint / "args.json").read_text())
-            check_same_run(saved_args, dataclasses.asdict(args), checkpoint)
-            state = {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+            state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
             dcp.load(state, checkpoint_id=checkpoint)
-            rank_state = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
-            failure = None
-        except InputError:
-            raise
-        except (Exception, dcp.api.CheckpointException) as error:  # a file cut short or missing (first line of why)
+            counters, failure = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False), None
+        except (Exception, dcp.api.CheckpointException) as error:  # cut short or missing: the first line of why
             failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
         loaded = torch.tensor(float(failure is None))
         dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # every rank takes the same state, or none takes it
@@ -1363,66 +1031,118 @@ def load_state(states, args, modules, rank):
                 set_state_dict(
                     model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"]
                 )
-            generators = rank_state.pop("generators")
-            random.setstate(generators["python"])
-            np.random.set_state(generators["numpy"])
-            torch.set_rng_state(generators["torch"])
-            if generators["cuda"]:
-                torch.cuda.set_rng_state_all(generators["cuda"])
-            return checkpoint, rank_state
+            cpu, cuda = counters.pop("random_state")
+            torch.set_rng_state(cpu), torch.cuda.set_rng_state_all(cuda) if cuda else None
+            if rank == 0:  # the metrics after the state are written again
+                shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
+            return counters
         failures.append(f"{checkpoint.name}: {failure or 'unreadable on another rank'}")
         if rank == 0:
-            logging.warning(f"{checkpoint} cannot be loaded ({failures[-1]}); trying an older state")
+            print(f"warning: {checkpoint} cannot be loaded ({failures[-1]}); trying an older state", file=sys.stderr)
     raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded ({'; '.join(failures)})")
 
 
-RESUME_MAY_CHANGE = (  # what a resume may change: none of it moves a number of the run
-    "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing save_critics"
-).split()
+def check_finite(values, when):
+    """Stop before a weight moves if a loss or gradient norm (all-reduced: the same on every rank) is NaN or inf."""
+    if not all(math.isfinite(value) for value in values.values()):
+        numbers = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+        raise InputError(f"NaN or infinite {when} ({numbers}): stopped before the update, OUTPUT_DIR left as it was")
 
 
-def check_same_run(saved, current, checkpoint):
-    """A resume continues the run that was saved: every argument that shapes training (learning rates and schedules,
-    batch sizes, the number of processes, data, seed, --max_steps and --epochs, which lay out the schedule) must be as
-    it was. Only what leaves the numbers alone may change (RESUME_MAY_CHANGE)."""
-    for name, value in current.items():
-        if name in RESUME_MAY_CHANGE or saved.get(name) == value:
-            continue
-        if name == "world_size":
-            raise InputError(
-                f"--resume: {checkpoint} was saved by {saved[name]} processes and this run has {value}; resume with "
-                f"torchrun --nproc_per_node={saved[name]}"
-            )
-        raise InputError(
-            f"--resume: --{name} is {value!r} but was {saved.get(name)!r} in the saved run ({checkpoint}); a resume "
-            "continues the same run: give the same value, or start over with --overwrite_output_dir"
-        )
+def check_finite_weights(models, device):
+    """Every rank counts its weights (under FSDP its shards) holding NaN or inf: a model is saved only if none do."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for model in models for p in model.parameters()]
+    bad = torch.tensor(float(sum(not torch.isfinite(p).all() for p in local)), device=device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values: nothing saved")
 
 
-def trim_metrics(partial, key, last):
-    """On --resume: metrics.jsonl keeps its rows up to the saved state (the later ones are written again); a last
-    line that the kill cut short is dropped."""
-    path, kept = partial / "metrics.jsonl", []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+def load_rows(source, split):
+    """[(row number, row dict)]: a local .jsonl file read here, so that an error names its line (blank lines hold no
+    row); a local .json/.parquet/.csv file or a hub data set NAME[@REVISION] read by datasets.load_dataset."""
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
+    suffix, (name, _, revision) = Path(source).suffix.lower(), source.partition("@")
+    builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+    try:
+        lines = Path(source).read_bytes().splitlines() if suffix == ".jsonl" else []
+        where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
+        rows = [] if lines else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
+    except Exception as error:  # no such file, a malformed one (the library's message says where), offline, ...
+        cause = error.__cause__ or error
+        raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
+    for number, line in [(n, line) for n, line in enumerate(lines, 1) if line.strip()]:
         try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get(key, math.inf) <= last:
-            kept.append(line + "\n")
-    path.write_text("".join(kept))
+            rows.append((number, json.loads(line.decode("utf-8"))))  # (text that is not UTF-8: a ValueError too)
+        except ValueError as error:
+            raise InputError(f"{source}, row {number}: not one JSON object: {error}") from None
+        if not isinstance(rows[-1][1], dict):
+            raise InputError(f"{source}, row {number}: not one JSON object but a {type(rows[-1][1]).__name__}")
+    if not rows:
+        raise InputError(f"{source}: no rows")
+    return rows
+
+
+def data_loader(examples, batch_size, seed, collate_fn):
+    """Shuffled batches of this rank's share, the same shuffle on every rank; a generator of the loader's own lets a
+    resume skip batches without moving the global one."""
+    sampler = DistributedSampler(examples, shuffle=True, seed=seed, drop_last=True)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(examples, batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn, generator=generator)
+
+
+def passes(loader, per_pass, skip):
+    """(epoch, batch) of pass after pass, each shuffled anew, PER_PASS batches a pass; the first SKIP left out (a
+    resumed run has trained on them: they are loaded, and left unused)."""
+    first_epoch, skip = divmod(skip, per_pass)
+    for epoch in itertools.count(first_epoch):
+        loader.sampler.set_epoch(epoch)
+        for i, batch in enumerate(itertools.islice(loader, per_pass)):
+            if epoch > first_epoch or i >= skip:
+                yield epoch, batch
+
+
+def adamw(model, lr, weight_decay, schedule, warmup_ratio, args, total_steps):
+    """AdamW (betas from ARGS, no decay on norms and biases), warm-up and SCHEDULE over TOTAL_STEPS."""
+    decay = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
+             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    optimizer = torch.optim.AdamW(decay, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
+    warmup = math.ceil(warmup_ratio * total_steps)
+    return optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def load_pretrained(model_class, name_or_path, **kwargs):
+    """from_pretrained, or one line naming the path (an empty or foreign directory, an unknown hub id, no network)."""
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it: {' '.join(str(error).split())}")
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each layer's activations in the backward pass: less memory, ~1/3 more compute (transformers 5's name;
+    transformers 4 has only gradient_checkpointing_enable)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def progress_bar(total, desc, rank, initial=0):
+    """A tqdm bar on rank 0: live in a terminal, a line every 30 s in a log file."""
+    interval = 0.1 if sys.stderr.isatty() else 30
+    return tqdm(total=total, initial=initial, desc=desc, disable=rank != 0, mininterval=interval)
 
 
 def fsdp_shard(model, bf16, reshard_root):
-    """FSDP2: one unit for each decoder layer (`_no_split_modules`; gathered just before its forward, freed after),
-    then the root (the module whose forward is called: our Critic too); bf16 compute, fp32 masters and reductions on
-    CUDA. RESHARD_ROOT: free the root's weights after its forward too (None: FSDP's default, keep them for the
-    backward that comes next)."""
+    """FSDP2: a unit per decoder layer (gathered just before its forward, freed after), then the root (the module whose
+    forward is called); bf16 compute, fp32 masters and reductions. RESHARD_ROOT: free the root's weights after its
+    forward too (None: FSDP's default, kept for the backward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    )
+    policy = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
     layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
     for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
         fully_shard(layer, mp_policy=policy)
@@ -1430,8 +1150,8 @@ def fsdp_shard(model, bf16, reshard_root):
 
 
 def wrap_trained_model(model, device, fsdp, bf16):
-    """A model that is trained: sharded with --fsdp; otherwise under DDP (it broadcasts rank 0's weights and
-    all-reduces the gradients), or bare in a world of one (DDP's gradient buckets would only cost time)."""
+    """A trained model: sharded with --fsdp; else under DDP (it broadcasts rank 0's weights and all-reduces the
+    gradients), or bare in a world of one (DDP's gradient buckets would only cost time)."""
     if fsdp:
         return fsdp_shard(model, bf16, reshard_root=None)
     model = model.to(device)
@@ -1440,73 +1160,50 @@ def wrap_trained_model(model, device, fsdp, bf16):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def wrap_frozen_model(model, device, fsdp, bf16):
-    """A model that only runs forward: sharded with --fsdp (every unit freed after its forward), otherwise bare."""
-    return fsdp_shard(model, bf16, reshard_root=True) if fsdp else model.to(device)
-
-
 def unwrap(model):
     """The model inside DDP, or the model itself (bare, or FSDP2, which shards it in place)."""
     return model.module if isinstance(model, DDP) else model
 
 
 @contextmanager
-def no_sync(model):
-    """Keep this backward's gradients local, to be reduced with the next one's: DDP's no_sync(), FSDP2's
-    set_requires_gradient_sync(False); nothing in a world of one."""
-    if isinstance(model, DDP):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+def no_sync(model, enabled=True):
+    """While ENABLED, the gradients of the forward and backward inside stay on this rank, to be reduced by a later
+    backward (gradient accumulation). DDP decides at the forward (no_sync), FSDP2 at the backward: both go inside."""
+    fsdp = enabled and hasattr(model, "set_requires_gradient_sync")
+    if fsdp:
         model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
+    with model.no_sync() if enabled and isinstance(model, DDP) else nullcontext():
         yield
+    if fsdp:
+        model.set_requires_gradient_sync(True)
 
 
 @contextmanager
 def gathered(model):
-    """Under FSDP2, a phase of no-grad forwards (generation with the KV cache, scoring) with the parameters gathered
-    once at its first forward, instead of once per forward, i.e. per generated token; freed when the phase ends,
-    before the update needs the memory. Also what lets each rank stop generating at its own answers' end (no
-    collective per token)."""
-    if not hasattr(model, "set_reshard_after_forward"):  # not an FSDP2 module: nothing to gather
-        yield
-        return
-    model.set_reshard_after_forward(False)  # recurses into the layers
-    try:
-        yield
-    finally:
-        # back to freeing every unit after its forward (a trained root too: one more all-gather per step, less memory)
-        model.set_reshard_after_forward(True)
+    """Under FSDP2, a phase of no-grad forwards (generating with the KV cache, scoring) gathers the weights once, not at
+    every forward (every token), and frees them when it ends; each rank then stops at its own answers' end."""
+    fsdp = hasattr(model, "set_reshard_after_forward")
+    if fsdp:
+        model.set_reshard_after_forward(False)  # (it recurses into the layers)
+    yield
+    if fsdp:
+        model.set_reshard_after_forward(True)  # back to freeing every unit after its forward
         for unit in [module for module in model.modules() if hasattr(module, "set_reshard_after_forward")]:
             unit.reshard()
 
 
 def save_model(model, path, rank):
-    """An ordinary Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict
-    is gathered from the shards, to the CPU), rank 0 writes it with save_pretrained. A tied weight (the LM head that
-    is the embedding) is saved once, under its first name, as save_pretrained does for an unsharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    """A Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict is gathered
+    to the CPU), rank 0 writes it. A tied weight (an LM head that is the embedding) is saved once, as save_pretrained
+    does for an unsharded model: gathered apart, its two names would be two tensors."""
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    names_of = {}  # a parameter under two names (tied): gathered apart they are two tensors; make them one again
+    names_of = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(parameter), []).append(name)
     for first, *aliases in names_of.values():
         state_dict.update({alias: state_dict[first] for alias in aliases if alias in state_dict})
     if rank == 0:
         model.save_pretrained(path, state_dict=state_dict)
-
-
-def describe_memory(models, fsdp):
-    """The start-up line's memory: this rank's trained state, fp32 weights, gradients and AdamW's two moments, 16
-    bytes a parameter (under FSDP its shard)."""
-    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for m in models for p in m.parameters())
-    return f"{'FSDP' if fsdp else 'DDP'}: {16 * local / 2**30:.2f} GiB of weights, gradients and AdamW states per rank"
 
 
 if __name__ == "__main__":

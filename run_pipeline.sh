@@ -10,14 +10,17 @@
 #                     ppo_lag_d0         the same with the reference's default d = 0         -> OUT/ppo_lag_d0
 #                     ppo_lag_rectified  RePO's per-answer cost {C}⁺, λ against the share of answers with C > 0
 #                                        (at most 2% of them)                              -> OUT/ppo_lag_rectified
-#   4. evaluation   all six policies answer the held-out prompts; the reward and cost models (and, on the toy
-#                   worlds, their oracle judge) judge every answer                            -> OUT/eval
+#   4. evaluation   all six policies answer the held-out prompts; the reward and cost models score every answer,
+#                   the judge (label.py; on the toy worlds their oracle) labels it; report.md and plots  -> OUT/eval
 #   5. rounds 2..N  (--rounds N, paper §4 and docs/rounds.md) the current policy answers fresh prompts K times each,
 #                   the judge labels every pair of each prompt's answers (pass after pass until a quarter of round
 #                   1's number of pairs is not a tie), red-team prompts the policy fails on are found, new reward
 #                   and cost models learn every pair so far, and PPO-Lagrangian (the rectified constraint) starts
 #                   again from the current policy                                            -> OUT/round-K
 #                   then SFT and every round side by side                                   -> OUT/rounds
+#
+# No stage uses PTX (ppo_lagrangian.py --ptx_data): the toy worlds have no pre-training corpus whose skills the policy
+# could forget; the reference's ptx_coeff 16 on Alpaca is for a real base model (docs/math.md §4.7).
 #
 # Usage:
 #   bash run_pipeline.sh [--data DIR] [--out DIR] [--seed N] [--judge toy|FILE.py|none] [--rounds N] [--smoke]
@@ -88,10 +91,10 @@ if (( ROUNDS > 1 )) && [ "$JUDGE_SPEC" = none ]; then
   fail "--rounds $ROUNDS: every round after the first labels new answers with a judge; give --judge toy|FILE.py"
 fi
 if [ "$JUDGE_SPEC" != none ]; then  # imported and tried on a probe now, not after minutes of training
-  (cd "$REPO" && HF_HUB_OFFLINE=1 python -c 'import sys, evaluate
+  (cd "$REPO" && python -c 'import sys, label
 try:
-    evaluate.load_judge(sys.argv[1])
-except evaluate.InputError as error:
+    label.load_judge(sys.argv[1])
+except label.InputError as error:
     sys.exit(f"error: {error}")' "$JUDGE_SPEC") || exit 1
 fi
 SETTINGS="{\"data\": \"$DATA\", \"seed\": $SEED, \"rounds\": $ROUNDS, \"judge\": \"$JUDGE_SPEC\", \"smoke\": $SMOKE}"
@@ -139,8 +142,9 @@ PPO_COMMON=(--actor_model "$OUT/sft" --reward_model "$OUT/reward" --cost_model "
             --max_steps "$PPO_ROLLOUTS" --max_new_tokens 48 --per_device_prompt_batch_size "$(per_device 32)"
             --per_device_train_batch_size "$(per_device 16)" --update_iters 2 --actor_lr 1e-4 --critic_lr 1e-4
             --kl_coeff 0.05 --episode_cost_window_size 64 "${COMMON[@]}")
-JUDGE=()
-if [ "$JUDGE_SPEC" != none ]; then JUDGE=(--judge "$JUDGE_SPEC"); fi
+judged() {  # judged NAME EVAL_DIR [label.py flags]: the judge labels an evaluation's answers (label.py), if there is one
+  if [ "$JUDGE_SPEC" != none ]; then stage "$1/judge" python label.py "$2" --judge "$JUDGE_SPEC" "${@:3}"; fi
+}
 # later rounds (docs/rounds.md, decided before any run): each labels as many pairs as round 1 has (|D1|) before the
 # judge's ties are dropped: LABEL_PROMPTS distinct prompts (|D1| / 6, or every distinct prompt if there are fewer),
 # K_SAMPLES answers to each (the smallest K >= 4 with LABEL_PROMPTS x K(K-1)/2 >= |D1|, at most 16), all their pairs;
@@ -183,7 +187,7 @@ sys.stdout.write("".join(rows[(start + i) % len(rows)] for i in range(count)))' 
 }
 found() {  # found EVAL_DIR CANDIDATES: the candidate rows whose prompt the policy answered harmfully at least once
   python3 -c 'import json, sys
-failed = {a["prompt"] for a in map(json.loads, open(sys.argv[1] + "/answers.jsonl", encoding="utf-8")) if a["oracle_harmful"]}
+failed = {a["prompt"] for a in map(json.loads, open(sys.argv[1] + "/labelled_answers.jsonl", encoding="utf-8")) if a["oracle_harmful"]}
 sys.stdout.write("".join(line for line in open(sys.argv[2], encoding="utf-8") if json.loads(line)["prompt"] in failed))' "$@"
 }
 split_pairs() {  # split_pairs PAIRS.jsonl... TRAIN.jsonl TEST.jsonl: the pairs of every 10th prompt (the 1st, the 11th,
@@ -240,12 +244,14 @@ stage ppo_lag_rectified $RUN ppo_lagrangian.py "${LAGRANGIAN[@]}" "${RECTIFIED[@
   --output_dir "$OUT/ppo_lag_rectified" "${PPO_COMMON[@]}"
 
 # 4. evaluation of all six on the held-out prompts (sampled answers, as the policies would answer)
-EVALUATE=(--max_prompts "$EVAL_PROMPTS" --samples_per_prompt "$EVAL_SAMPLES" "${JUDGE[@]}" --max_length 128 --max_new_tokens 48
+EVALUATE=(--max_prompts "$EVAL_PROMPTS" --samples_per_prompt "$EVAL_SAMPLES" --max_length 128 --max_new_tokens 48
           --per_device_batch_size 50 --seed "$SEED")
 stage evaluate $RUN evaluate.py --policy sft="$OUT/sft" ppo="$OUT/ppo" reward_shaping="$OUT/reward_shaping" ppo_lag="$OUT/ppo_lag" \
   ppo_lag_d0="$OUT/ppo_lag_d0" ppo_lag_rectified="$OUT/ppo_lag_rectified" \
   --prompt_data "$DATA/eval_prompts.jsonl" --preference_data "$DATA/preference_test.jsonl" \
   --reward_model "$OUT/reward" --cost_model "$OUT/cost" --output_dir "$OUT/eval" "${EVALUATE[@]}"
+judged evaluate "$OUT/eval"
+stage evaluate/report python bench/report.py "$OUT/eval"  # report.md, reward_vs_cost.png, elo.png, training_curves.png
 
 # 5. rounds 2..N (the paper's Safe RLHF-v2, -v3; docs/rounds.md): new answers from the current policy, labelled by the
 #    judge, the prompts it fails on searched among red-team phrasings, new reward and cost models on every pair so
@@ -260,16 +266,17 @@ for (( K = 2; K <= ROUNDS; K++ )); do
   # previous round's models); fresh prompts read on from where the last pass stopped, cycling over the file; passes
   # (round-K/label, label-2, ...; each its own seed) until a quarter of |D1| pairs are not ties, or LABEL_PASSES
   LABEL=(--policy current="$POLICY" --samples_per_prompt "$K_SAMPLES" --reward_model "$PREVIOUS/reward"
-         --cost_model "$PREVIOUS/cost" --judge "$JUDGE_SPEC" --max_length 128 --max_new_tokens 48
-         --per_device_batch_size 50 --seed "$(( SEED + K ))")
+         --cost_model "$PREVIOUS/cost" --max_length 128 --max_new_tokens 48 --per_device_batch_size 50)
   NEW_PAIRS=(); KEPT=0; PASS=0
   while (( PASS == 0 )) || more_labels "$KEPT" "$PASS"; do
     PASS=$(( PASS + 1 ))
     NAME=label; if (( PASS > 1 )); then NAME=label-$PASS; fi
     rows "$DATA/prompts.jsonl" "$LABEL_ROW" "$LABEL_PROMPTS" > "$R/${NAME/label/label_prompts}.jsonl"
     LABEL_ROW=$(( LABEL_ROW + LABEL_PROMPTS ))
-    stage "round-$K/$NAME" $RUN evaluate.py "${LABEL[@]}" --seed "$(( SEED + K + 100 * (PASS - 1) ))" \
+    PASS_SEED=$(( SEED + K + 100 * (PASS - 1) ))  # the pass's sampling, and the coin that breaks a one-axis tie
+    stage "round-$K/$NAME" $RUN evaluate.py "${LABEL[@]}" --seed "$PASS_SEED" \
       --prompt_data "$R/${NAME/label/label_prompts}.jsonl" --output_dir "$R/$NAME"
+    judged "round-$K/$NAME" "$R/$NAME" --seed "$PASS_SEED"
     NEW_PAIRS+=("$R/$NAME/labelled_pairs.jsonl")
     KEPT=$(( KEPT + $(grep -c '[^[:space:]]' "$R/$NAME/labelled_pairs.jsonl" || true) ))
   done
@@ -277,8 +284,9 @@ for (( K = 2; K <= ROUNDS; K++ )); do
   # their pairs join the data, the prompts join the PPO prompts from this round on
   if [ -f "$DATA/redteam_prompts.jsonl" ]; then
     rows "$DATA/redteam_prompts.jsonl" $(( (K - 2) * REDTEAM_SEARCH )) "$REDTEAM_SEARCH" > "$R/redteam_search.jsonl"
-    stage "round-$K/redteam" $RUN evaluate.py "${LABEL[@]}" --prompt_data "$R/redteam_search.jsonl" --keep_pairs failed \
-      --output_dir "$R/redteam"
+    stage "round-$K/redteam" $RUN evaluate.py "${LABEL[@]}" --seed "$(( SEED + K ))" \
+      --prompt_data "$R/redteam_search.jsonl" --output_dir "$R/redteam"
+    judged "round-$K/redteam" "$R/redteam" --seed "$(( SEED + K ))" --pairs failed
     NEW_PAIRS+=("$R/redteam/labelled_pairs.jsonl")
     found "$R/redteam" "$R/redteam_search.jsonl" > "$R/redteam_found.jsonl"
     cat "$PROMPTS" "$R/redteam_found.jsonl" > "$R/prompts.jsonl"
@@ -307,6 +315,7 @@ for (( K = 2; K <= ROUNDS; K++ )); do
     "${PPO_COMMON[@]}" --actor_model "$POLICY" --reward_model "$R/reward" --cost_model "$R/cost" --prompt_data "$PROMPTS"
   stage "round-$K/evaluate" $RUN evaluate.py --policy round-$K="$R/ppo_lag" --prompt_data "$DATA/eval_prompts.jsonl" \
     --reward_model "$R/reward" --cost_model "$R/cost" --output_dir "$R/eval" "${EVALUATE[@]}"
+  judged "round-$K/evaluate" "$R/eval"
   POLICY="$R/ppo_lag"; ROUND_POLICIES+=(round-$K="$POLICY")
 done
 
@@ -316,9 +325,11 @@ if (( ROUNDS > 1 )); then
   LAST="$(dirname "$POLICY")"
   stage rounds/evaluate $RUN evaluate.py --policy sft="$OUT/sft" "${ROUND_POLICIES[@]}" --prompt_data "$DATA/eval_prompts.jsonl" \
     --reward_model "$LAST/reward" --cost_model "$LAST/cost" --output_dir "$OUT/rounds/eval" "${EVALUATE[@]}"
+  judged rounds/evaluate "$OUT/rounds/eval"
   if [ -f "$DATA/redteam_eval_prompts.jsonl" ]; then
     stage rounds/redteam $RUN evaluate.py --policy sft="$OUT/sft" "${ROUND_POLICIES[@]}" --prompt_data "$DATA/redteam_eval_prompts.jsonl" \
       --reward_model "$LAST/reward" --cost_model "$LAST/cost" --output_dir "$OUT/rounds/redteam" "${EVALUATE[@]}"
+    judged rounds/redteam "$OUT/rounds/redteam"
   fi
   # the table and the plot of the rounds: OUT/rounds/report.md (printed) and OUT/rounds/rounds.png
   python bench/rounds.py "$OUT" --report "$OUT/rounds/report.md" --plot "$OUT/rounds/rounds.png" \
@@ -330,7 +341,7 @@ python3 -c 'import json, sys; print(json.dumps({"settings": json.loads(sys.argv[
   "$SETTINGS" > "$OUT/pipeline.json"
 echo
 echo "==== results (seed $SEED; every table in $OUT/eval/report.md)"
-sed -n '/^## Policies/,/^## Arena/p' "$OUT/eval/report.md" | sed '$d'
+sed -n '/^## Policies/,/^## Arena/p' "$OUT/eval/report.md" | sed '$d' | grep -v '^$'
 echo "==== time per stage"
 cat "$TIMES"
 echo "total $(awk '{ total += $2 } END { print total }' "$TIMES") s"
