@@ -46,6 +46,7 @@ import random
 import shutil
 import sys
 import time
+from collections import namedtuple
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from pathlib import Path
 import datasets
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import (
     AutoConfig,
@@ -243,7 +245,7 @@ def main():
                     record[objective] = score
             if objective in pairs:  # preferred answers, then rejected ones: (preferred, rejected) per pair
                 shard = pairs[objective][rank :: args.world_size]
-                texts = [(p[0], p[1]) for p in shard] + [(p[0], p[2]) for p in shard]
+                texts = [(p.prompt, p.preferred) for p in shard] + [(p.prompt, p.rejected) for p in shard]
                 scores = score_texts(model, tokenizer, texts, args, autocast)
                 local_pair_scores[objective] = list(zip(scores[: len(shard)], scores[len(shard) :]))
         del model
@@ -344,7 +346,7 @@ def score_model_results(pairs, pair_scores):
             labelled = [
                 (cost, safe)
                 for (c_s, c_u), p in zip(scores, pairs["cost"])
-                for cost, safe in ((c_s, p[3]), (c_u, p[4]))
+                for cost, safe in ((c_s, p.preferred_is_safe), (c_u, p.rejected_is_safe))
             ]
             results[objective] |= rate("sign_accuracy", [float((cost > 0) != safe) for cost, safe in labelled])
     return results
@@ -518,7 +520,9 @@ def load_eval_pairs(args, score_tokenizers):
     rows, pairs = load_rows(args.preference_data, args.preference_split), {}
     for objective in score_tokenizers:
         pairs[objective] = [
-            p for p in preference_pairs(rows, args.preference_data, objective) if p[1].strip() != p[2].strip()
+            p
+            for p in preference_pairs(rows, args.preference_data, objective)
+            if p.preferred.strip() != p.rejected.strip()
         ]
         if args.fsdp and len(pairs[objective]) < args.world_size:
             raise InputError(
@@ -573,12 +577,13 @@ def tokenize_prompt_and_answer(tokenizer, prompt, answer, max_length):
     return prompt_ids, (answer_ids + [tokenizer.eos_token_id])[: max_length - len(prompt_ids)]
 
 
+PreferencePair = namedtuple("PreferencePair", "prompt preferred rejected preferred_is_safe rejected_is_safe")
 PAIR_FIELDS = {"prompt": str, "response_0": str, "response_1": str, "better_response_id": int, "safer_response_id": int,
                "is_response_0_safe": bool, "is_response_1_safe": bool}  # what a PKU-SafeRLHF row must have  # fmt: skip
 
 
 def preference_pairs(rows, source, objective):
-    """(prompt, preferred, rejected, preferred is safe, rejected is safe) per PKU-SafeRLHF row: preferred = the better
+    """A PreferencePair per PKU-SafeRLHF row: preferred = the better
     answer (better_response_id) for the reward model, the safer one (safer_response_id) for the cost model. Checks
     every field a row needs."""
     pairs = []
@@ -602,9 +607,8 @@ def preference_pairs(rows, source, objective):
                 f"{source}, row {number}: inconsistent safety labels: the safer answer (response_{preferred}) is "
                 f"labelled unsafe while response_{1 - preferred} is labelled safe"
             )
-        pairs.append(
-            (row["prompt"], answers[preferred], answers[1 - preferred], is_safe[preferred], is_safe[1 - preferred])
-        )
+        pair = (row["prompt"], answers[preferred], answers[1 - preferred], is_safe[preferred], is_safe[1 - preferred])
+        pairs.append(PreferencePair(*pair))
     return pairs
 
 
@@ -646,31 +650,22 @@ def mixed_precision(enabled, device):
     return use_bf16, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def sibling(output_dir, suffix):
-    """OUTPUT_DIR.partial (a run's working directory) or OUTPUT_DIR.old; `.`, `..` and `dir/` name the directory."""
-    output = Path(output_dir).resolve()
-    return output.with_name(output.name + suffix)
-
-
 def check_output_dir(args, script, inputs):
-    """Before any work, reading only: refuse an OUTPUT_DIR this run may not replace at its end (docs/robustness.md).
-    Returns the saved states of a stopped run that --resume continues from, newest first."""
-    output, partial, flag = Path(args.output_dir).resolve(), sibling(args.output_dir, ".partial"), "--output_dir"
+    """Before any work: refuse an OUTPUT_DIR this run may not replace (docs/robustness.md); the states to resume."""
+    output, flag = Path(args.output_dir).resolve(), f"--output_dir {args.output_dir}"
     existing = next(path for path in (output, *output.parents) if path.exists())
+    owner = json.loads((output / "args.json").read_text()) if (output / "args.json").is_file() else {}
     if existing.is_file() or not os.access(existing, os.W_OK):
-        raise InputError(f"{flag} {args.output_dir}: {existing} is a file or is not writable")
+        raise InputError(f"{flag}: {existing} is a file or is not writable")
     places = {f"the input --{k} {v}": Path(v).resolve() for k, v in inputs.items() if v}
     for name, place in {"the current directory": Path.cwd().resolve(), **places}.items():
         if place.exists() and (output in (place, *place.parents) or (place in output.parents and name in places)):
-            raise InputError(f"{flag} {args.output_dir}: is, holds or lies inside {name}")
-    try:
-        owner = json.loads((output / "args.json").read_text())["script"]  # what makes it a finished output
-    except (OSError, ValueError, KeyError, TypeError):
-        owner = None
-    if output.is_dir() and any(output.iterdir()) and owner != script and not args.overwrite_output_dir:
-        raise InputError(f"{flag} {args.output_dir}: exists and is not a finished output of {script}; give a new "
-                         "directory, or --overwrite_output_dir to replace it and everything in it")  # fmt: skip
-    resume, states = getattr(args, "resume", False), sorted(partial.glob("checkpoint-*[0-9]"), key=step_of)[::-1]
+            raise InputError(f"{flag}: is, holds or lies inside {name}")
+    if output.is_dir() and any(output.iterdir()) and owner.get("script") != script and not args.overwrite_output_dir:
+        raise InputError(f"{flag}: exists and is not a finished output of {script}; give a new directory, or "
+                         "--overwrite_output_dir to replace it and everything in it")  # fmt: skip
+    partial, resume = output.with_name(output.name + ".partial"), getattr(args, "resume", False)
+    states = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name[11:]), reverse=True)
     if resume and not states:
         raise InputError(f"--resume: no saved state (checkpoint-N) in {partial} to resume from")
     if states and not resume and not args.overwrite_output_dir:
@@ -680,10 +675,12 @@ def check_output_dir(args, script, inputs):
 
 
 def start_output_dir(output_dir, resume, rank):
-    """Rank 0 makes OUTPUT_DIR.partial and locks it for the run (a second run into the same output is refused; a killed
-    run's lock dies with it), undoes a final swap a kill cut short and, unless --resume, empties it."""
-    partial, old, output = sibling(output_dir, ".partial"), sibling(output_dir, ".old"), Path(output_dir).resolve()
-    lock, error = None, [None]
+    """Rank 0 makes OUTPUT_DIR.partial and locks it for the run (a second run is refused; a killed run's lock dies with
+    it), after putting in place a finished output whose last rename a kill cut short; unless resuming, empties it."""
+    output = Path(output_dir).resolve()
+    partial, lock, error = output.with_name(output.name + ".partial"), None, [None]
+    if rank == 0 and (partial / "args.json").is_file() and not output.exists():
+        partial.rename(output)
     if rank == 0:
         partial.mkdir(parents=True, exist_ok=True)
         lock = open(partial / ".lock", "a")
@@ -694,8 +691,6 @@ def start_output_dir(output_dir, resume, rank):
     dist.broadcast_object_list(error, src=0)  # every rank stops alike, or none does
     if error[0]:
         raise InputError(error[0])
-    if rank == 0 and old.exists() and not output.exists():
-        old.rename(output)
     for path in [p for p in partial.iterdir() if p.name != ".lock"] if rank == 0 and not resume else []:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return partial, lock
@@ -703,36 +698,29 @@ def start_output_dir(output_dir, resume, rank):
 
 def finish_output_dir(partial, args, script, lock):
     """Rank 0: args.json (naming SCRIPT: a finished output), then OUTPUT_DIR.partial renamed into place, so OUTPUT_DIR
-    is never half-written (the saved states are not part of it); then the lock goes."""
+    is never half-written (a kill between the two steps below leaves the finished .partial: put in place next run)."""
     (partial / "args.json").write_text(json.dumps({"script": script, **dataclasses.asdict(args)}, indent=2))
-    output, old = Path(args.output_dir).resolve(), sibling(args.output_dir, ".old")
-    for path in [*partial.glob("checkpoint-*"), old]:
-        shutil.rmtree(path, ignore_errors=True)
-    if output.exists():
-        output.rename(old)
-    partial.rename(output)
-    (output / ".lock").unlink()
+    for path in [*partial.glob("checkpoint-*"), partial / ".lock", Path(args.output_dir).resolve()]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    partial.rename(Path(args.output_dir).resolve())
     lock.close()
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def step_of(checkpoint):
-    """N of OUTPUT_DIR.partial/checkpoint-N."""
-    return int(checkpoint.name.split("-")[1])
 
 
 def load_rows(source, split):
     """[(row number, row dict)]: a local .jsonl file read here, so that an error names its line (blank lines hold no
     row); a local .json/.parquet/.csv file or a hub data set NAME[@REVISION] read by datasets.load_dataset."""
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
     suffix, (name, _, revision) = Path(source).suffix.lower(), source.partition("@")
     builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+    local = builder is not None or suffix == ".jsonl"
+    if local != Path(source).is_file() and (local or Path(source).exists()):  # missing, or a file of no known format
+        raise InputError(f"{source}: {'no such file' if local else 'unknown format (.jsonl, .json, .parquet, .csv)'}")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
     try:
         lines = Path(source).read_bytes().splitlines() if suffix == ".jsonl" else []
         where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
         rows = [] if lines else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
-    except Exception as error:  # no such file, a malformed one (the library's message says where), offline, ...
+    except Exception as error:  # a malformed file (the library's message says where), offline, no such split, ...
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
     for number, line in [(n, line) for n, line in enumerate(lines, 1) if line.strip()]:
@@ -752,7 +740,8 @@ def load_pretrained(model_class, name_or_path, **kwargs):
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
     except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it: {' '.join(str(error).split())}")
+        reason = " ".join(str(error).split())
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it: {reason}") from None
 
 
 def progress_bar(total, desc, rank, initial=0):
@@ -762,11 +751,8 @@ def progress_bar(total, desc, rank, initial=0):
 
 
 def fsdp_shard(model, bf16, reshard_root):
-    """FSDP2: a unit per decoder layer (gathered just before its forward, freed after), then the root (the module whose
-    forward is called); bf16 compute, fp32 masters and reductions. RESHARD_ROOT: free the root's weights after its
-    forward too (None: FSDP's default, kept for the backward)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    """FSDP2: a unit per decoder layer (gathered for its forward, then freed), then the root; bf16 compute, fp32 masters
+    and reductions. RESHARD_ROOT: free the root's weights after its forward too (None: keep them for the backward)."""
     policy = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
     layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
     for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
@@ -776,8 +762,8 @@ def fsdp_shard(model, bf16, reshard_root):
 
 @contextmanager
 def gathered(model):
-    """Under FSDP2, a phase of no-grad forwards (generating with the KV cache, scoring) gathers the weights once, not at
-    every forward (every token), and frees them when it ends; each rank then stops at its own answers' end."""
+    """Under FSDP2, a phase of no-grad forwards (generating, scoring) gathers the weights once, not at every forward
+    (every token), and frees them at its end; each rank then stops at its own answers' end."""
     fsdp = hasattr(model, "set_reshard_after_forward")
     if fsdp:
         model.set_reshard_after_forward(False)  # (it recurses into the layers)

@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
@@ -67,7 +69,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfAr
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
-RESUME_MAY_CHANGE = "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing"
 
 
 def arg(default, help, **metadata):  # a field of Args: its default, its --help line (and e.g. choices=[...])
@@ -112,6 +113,10 @@ class Args:
     save_steps: int = arg(0, "save a resumable state every N optimiser steps, to OUTPUT_DIR.partial (0: never)")
     resume: bool = arg(False, "continue the stopped run from the newest state in OUTPUT_DIR.partial")
     report_to: str = arg("none", "also log to TensorBoard (OUTPUT_DIR/runs)", choices=["none", "tensorboard"])
+    # what a resume may change (not a flag): none of it moves a number of the run
+    resume_may_change = (
+        "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing"
+    )
     # derived at run time, right after parsing
     world_size: int = field(default=1, init=False)
     global_batch_size: int = field(default=0, init=False)
@@ -199,20 +204,18 @@ def main():
         train_examples, args.per_device_train_batch_size, args.seed, lambda b: collate_pairs(b, tokenizer)
     )
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
-    total_steps = (
-        steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
-    )
-    optimizer, scheduler = adamw(
-        model, args.lr, args.weight_decay, args.lr_scheduler, args.lr_warmup_ratio, args, total_steps
-    )
-    run = start_run(args, rank, saved_states, {"model": (model, optimizer)}, RESUME_MAY_CHANGE)
+    all_epochs = steps_per_epoch * args.epochs
+    total_steps = all_epochs if args.max_steps < 0 else min(args.max_steps, all_epochs)
+    optimizer, scheduler = adamw(model, args, total_steps)
+    modules = {"model": (model, optimizer)}  # what a resumable state holds, besides the counters
+    run = start_run(args, rank, saved_states, modules)
     start_step = run.state.get("step", 0)
     if run.state:
         scheduler.load_state_dict(run.state["scheduler"])
     if rank == 0:
         print(
             f"{args.objective} model: {len(train_examples)} training pairs and {len(eval_examples)} eval pairs "
-            f"({skipped} skipped: identical answers), world size {args.world_size}, global batch "
+            f"({sum(skipped)} skipped: identical answers), world size {args.world_size}, global batch "
             f"{args.global_batch_size} pairs, {total_steps} steps, bf16 {use_bf16}"
         )
 
@@ -221,7 +224,7 @@ def main():
     per_pass, skip = steps_per_epoch * args.gradient_accumulation_steps, start_step * args.gradient_accumulation_steps
     micro_batches = passes(loader, per_pass, skip)
     progress, start_time = progress_bar(total_steps, args.objective, rank, start_step), time.time()
-    evaluation = {}
+    evaluation, eval_scores = {}, []
     for step in range(start_step + 1, total_steps + 1):
         local_loss, local_correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for i in range(args.gradient_accumulation_steps):
@@ -229,19 +232,16 @@ def main():
             epoch, batch = next(micro_batches)
             batch = {k: v.to(device) for k, v in batch.items()}
             with no_sync(model, enabled=i < args.gradient_accumulation_steps - 1):  # the last one reduces gradients
-                with autocast:
-                    scores = end_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-                    preferred_scores, rejected_scores = scores.chunk(2)  # (B,), (B,): better/worse, or safer/unsafer
+                with autocast:  # (2B,) end scores: (B,) better or safer answers, then (B,) worse or unsafer ones
+                    preferred, rejected = end_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
                     # 2. L_R or L_C on the end scores
-                    loss = preference_loss(
-                        args.objective, preferred_scores, rejected_scores, batch, args.regularization
-                    )
-                # every micro-batch holds as many pairs, so the mean of their means is the global mean (DDP averages
-                # over ranks)
+                    loss = preference_loss(args.objective, preferred, rejected, batch, args.regularization)
+                # every micro-batch holds as many pairs: the mean of their means is the global mean (DDP: over ranks)
                 (loss / args.gradient_accumulation_steps).backward()
             local_loss += loss.detach() / args.gradient_accumulation_steps
-            correct = correct_order(args.objective, preferred_scores, rejected_scores).float().mean().detach()
-            local_correct += correct / args.gradient_accumulation_steps
+            local_correct += (
+                correct_order(args.objective, preferred, rejected).float().mean() / args.gradient_accumulation_steps
+            )
 
         # 3. clip the gradient, check that nothing is NaN, take the step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
@@ -262,39 +262,27 @@ def main():
                 run, step, metrics | {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
             )
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-            save_state(
-                args, step, {"model": (model, optimizer)}, {"step": step, "scheduler": scheduler.state_dict()}, rank
-            )
+            save_state(run, args, step, modules, {"step": step, "scheduler": scheduler.state_dict()}, rank, device)
         if eval_examples and (step % steps_per_epoch == 0 or step == total_steps):
-            evaluation = evaluate_pairs(model, eval_examples, args, tokenizer, device, autocast, rank)
+            evaluation, eval_scores = evaluate_pairs(model, eval_examples, args, tokenizer, device, autocast, rank)
             if rank == 0:
-                metrics = {k: v for k, v in evaluation.items() if k.startswith("eval/")}
-                progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                log_metrics(run, step, {"step": step, "epoch": epoch + 1, **metrics})
+                progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+                log_metrics(run, step, {"step": step, "epoch": epoch + 1, **evaluation})
     progress.close()
-    check_finite_weights([model], device)  # never save a model with a NaN or infinite weight
-    unwrap(model).config.objective = args.objective  # what the later stages check: a swapped pair is refused
-    unwrap(model).config.use_cache = True
-    save_model(unwrap(model), run.partial, rank)  # every rank takes part: under FSDP the shards are gathered
-    if rank == 0:
-        tokenizer.save_pretrained(run.partial)
-        if evaluation:
-            scores = evaluation.pop("scores")
-            (run.partial / "eval.json").write_text(
-                json.dumps(evaluation | {"eval/identical_pairs_skipped": skipped}, indent=2)
-            )
-            plot_score_histogram(scores, args.objective, run.partial / "score_histogram.png")
+    evaluation |= {"eval/pairs": len(eval_examples), "eval/identical_pairs_skipped": skipped[1]} if evaluation else {}
+    save_score_model(args, model, tokenizer, run, rank, device, evaluation, eval_scores)
     finish_run(run, args, "preference_model.py", rank, device, start_time)  # OUTPUT_DIR.partial renamed into place
-    return {"model": unwrap(model), "metrics": {k: v for k, v in evaluation.items() if k.startswith("eval/")}}
+    return {"model": unwrap(model), "metrics": evaluation, "scores": eval_scores}  # for tests
 
 
 # ---- setup for this stage (skip on a first reading) ----
+PreferencePair = namedtuple("PreferencePair", "prompt preferred rejected preferred_is_safe rejected_is_safe")
 PAIR_FIELDS = {"prompt": str, "response_0": str, "response_1": str, "better_response_id": int, "safer_response_id": int,
                "is_response_0_safe": bool, "is_response_1_safe": bool}  # what a PKU-SafeRLHF row must have  # fmt: skip
 
 
 def preference_pairs(rows, source, objective):
-    """(prompt, preferred, rejected, preferred is safe, rejected is safe) per PKU-SafeRLHF row: preferred = the better
+    """A PreferencePair per PKU-SafeRLHF row: preferred = the better
     answer (better_response_id) for the reward model, the safer one (safer_response_id) for the cost model. Checks
     every field a row needs."""
     pairs = []
@@ -318,9 +306,8 @@ def preference_pairs(rows, source, objective):
                 f"{source}, row {number}: inconsistent safety labels: the safer answer (response_{preferred}) is "
                 f"labelled unsafe while response_{1 - preferred} is labelled safe"
             )
-        pairs.append(
-            (row["prompt"], answers[preferred], answers[1 - preferred], is_safe[preferred], is_safe[1 - preferred])
-        )
+        pair = (row["prompt"], answers[preferred], answers[1 - preferred], is_safe[preferred], is_safe[1 - preferred])
+        pairs.append(PreferencePair(*pair))
     return pairs
 
 
@@ -357,19 +344,17 @@ def load_score_tokenizer(path):
 
 
 def load_pair_examples(args, tokenizer):
-    """The training and evaluation pairs, checked row by row before anything is written; and how many training pairs
-    were skipped (both answers tokenise alike)."""
+    """The training and evaluation pairs, checked row by row before anything is written; and how many of each were
+    skipped (both answers tokenise alike: no preference to learn)."""
     pairs = preference_pairs(load_rows(args.train_data, args.train_split), args.train_data, args.objective)
     train_examples, skipped = pair_examples(tokenizer, pairs, args.max_length)
-    eval_examples = []
+    eval_examples, eval_skipped = [], 0
     if args.eval_data:
         pairs = preference_pairs(load_rows(args.eval_data, args.eval_split), args.eval_data, args.objective)
-        eval_examples, _ = pair_examples(tokenizer, pairs, args.max_length)
+        eval_examples, eval_skipped = pair_examples(tokenizer, pairs, args.max_length)
     if len(train_examples) < args.global_batch_size:
-        raise InputError(
-            f"{args.train_data}: {len(train_examples)} usable pairs, fewer than one global batch ({args.global_batch_size})"
-        )
-    return train_examples, eval_examples, skipped
+        raise InputError(f"{args.train_data}: {len(train_examples)} usable pairs, fewer than a global batch")
+    return train_examples, eval_examples, (skipped, eval_skipped)
 
 
 def load_score_model(args, tokenizer, device, use_bf16):
@@ -411,13 +396,26 @@ def evaluate_pairs(model, examples, args, tokenizer, device, autocast, rank):
                 labels = batch["preferred_is_safe" if is_preferred else "rejected_is_safe"].tolist()
                 scores += [(score, is_preferred, safe) for score, safe in zip(values.tolist(), labels)]
     dist.all_reduce(counts)
-    gathered_scores = [None] * args.world_size
-    dist.all_gather_object(gathered_scores, scores)
+    every_rank = [None] * args.world_size  # every rank's scores, for the histogram of the whole held-out set
+    dist.all_gather_object(every_rank, scores)
     model.train()
     metrics = {"eval/loss": (counts[0] / counts[1]).item(), "eval/accuracy": (counts[2] / counts[1]).item()}
     if args.objective == "cost":
         metrics["eval/sign_accuracy"] = (counts[3] / (2 * counts[1])).item()
-    return metrics | {"eval/pairs": len(examples), "scores": sum(gathered_scores, [])}
+    return metrics, sum(every_rank, [])
+
+
+def save_score_model(args, model, tokenizer, run, rank, device, evaluation, eval_scores):
+    """The checkpoint into OUTPUT_DIR.partial, its objective in the config (the later stages check it: a swapped pair
+    is refused), and with held-out data eval.json and the score histogram. Every rank takes part (save_model)."""
+    unwrap(model).config.objective = args.objective
+    unwrap(model).config.use_cache = True
+    save_model(unwrap(model), run.partial, rank, device)
+    if rank == 0:
+        tokenizer.save_pretrained(run.partial)
+        if evaluation:
+            (run.partial / "eval.json").write_text(json.dumps(evaluation, indent=2))
+            plot_score_histogram(eval_scores, args.objective, run.partial / "score_histogram.png")
 
 
 def plot_score_histogram(scores, objective, path):
@@ -486,31 +484,22 @@ def mixed_precision(enabled, device):
     return use_bf16, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def sibling(output_dir, suffix):
-    """OUTPUT_DIR.partial (a run's working directory) or OUTPUT_DIR.old; `.`, `..` and `dir/` name the directory."""
-    output = Path(output_dir).resolve()
-    return output.with_name(output.name + suffix)
-
-
 def check_output_dir(args, script, inputs):
-    """Before any work, reading only: refuse an OUTPUT_DIR this run may not replace at its end (docs/robustness.md).
-    Returns the saved states of a stopped run that --resume continues from, newest first."""
-    output, partial, flag = Path(args.output_dir).resolve(), sibling(args.output_dir, ".partial"), "--output_dir"
+    """Before any work: refuse an OUTPUT_DIR this run may not replace (docs/robustness.md); the states to resume."""
+    output, flag = Path(args.output_dir).resolve(), f"--output_dir {args.output_dir}"
     existing = next(path for path in (output, *output.parents) if path.exists())
+    owner = json.loads((output / "args.json").read_text()) if (output / "args.json").is_file() else {}
     if existing.is_file() or not os.access(existing, os.W_OK):
-        raise InputError(f"{flag} {args.output_dir}: {existing} is a file or is not writable")
+        raise InputError(f"{flag}: {existing} is a file or is not writable")
     places = {f"the input --{k} {v}": Path(v).resolve() for k, v in inputs.items() if v}
     for name, place in {"the current directory": Path.cwd().resolve(), **places}.items():
         if place.exists() and (output in (place, *place.parents) or (place in output.parents and name in places)):
-            raise InputError(f"{flag} {args.output_dir}: is, holds or lies inside {name}")
-    try:
-        owner = json.loads((output / "args.json").read_text())["script"]  # what makes it a finished output
-    except (OSError, ValueError, KeyError, TypeError):
-        owner = None
-    if output.is_dir() and any(output.iterdir()) and owner != script and not args.overwrite_output_dir:
-        raise InputError(f"{flag} {args.output_dir}: exists and is not a finished output of {script}; give a new "
-                         "directory, or --overwrite_output_dir to replace it and everything in it")  # fmt: skip
-    resume, states = getattr(args, "resume", False), sorted(partial.glob("checkpoint-*[0-9]"), key=step_of)[::-1]
+            raise InputError(f"{flag}: is, holds or lies inside {name}")
+    if output.is_dir() and any(output.iterdir()) and owner.get("script") != script and not args.overwrite_output_dir:
+        raise InputError(f"{flag}: exists and is not a finished output of {script}; give a new directory, or "
+                         "--overwrite_output_dir to replace it and everything in it")  # fmt: skip
+    partial, resume = output.with_name(output.name + ".partial"), getattr(args, "resume", False)
+    states = sorted(partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name[11:]), reverse=True)
     if resume and not states:
         raise InputError(f"--resume: no saved state (checkpoint-N) in {partial} to resume from")
     if states and not resume and not args.overwrite_output_dir:
@@ -520,10 +509,12 @@ def check_output_dir(args, script, inputs):
 
 
 def start_output_dir(output_dir, resume, rank):
-    """Rank 0 makes OUTPUT_DIR.partial and locks it for the run (a second run into the same output is refused; a killed
-    run's lock dies with it), undoes a final swap a kill cut short and, unless --resume, empties it."""
-    partial, old, output = sibling(output_dir, ".partial"), sibling(output_dir, ".old"), Path(output_dir).resolve()
-    lock, error = None, [None]
+    """Rank 0 makes OUTPUT_DIR.partial and locks it for the run (a second run is refused; a killed run's lock dies with
+    it), after putting in place a finished output whose last rename a kill cut short; unless resuming, empties it."""
+    output = Path(output_dir).resolve()
+    partial, lock, error = output.with_name(output.name + ".partial"), None, [None]
+    if rank == 0 and (partial / "args.json").is_file() and not output.exists():
+        partial.rename(output)
     if rank == 0:
         partial.mkdir(parents=True, exist_ok=True)
         lock = open(partial / ".lock", "a")
@@ -534,8 +525,6 @@ def start_output_dir(output_dir, resume, rank):
     dist.broadcast_object_list(error, src=0)  # every rank stops alike, or none does
     if error[0]:
         raise InputError(error[0])
-    if rank == 0 and old.exists() and not output.exists():
-        old.rename(output)
     for path in [p for p in partial.iterdir() if p.name != ".lock"] if rank == 0 and not resume else []:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return partial, lock
@@ -543,26 +532,19 @@ def start_output_dir(output_dir, resume, rank):
 
 def finish_output_dir(partial, args, script, lock):
     """Rank 0: args.json (naming SCRIPT: a finished output), then OUTPUT_DIR.partial renamed into place, so OUTPUT_DIR
-    is never half-written (the saved states are not part of it); then the lock goes."""
+    is never half-written (a kill between the two steps below leaves the finished .partial: put in place next run)."""
     (partial / "args.json").write_text(json.dumps({"script": script, **dataclasses.asdict(args)}, indent=2))
-    output, old = Path(args.output_dir).resolve(), sibling(args.output_dir, ".old")
-    for path in [*partial.glob("checkpoint-*"), old]:
-        shutil.rmtree(path, ignore_errors=True)
-    if output.exists():
-        output.rename(old)
-    partial.rename(output)
-    (output / ".lock").unlink()
+    for path in [*partial.glob("checkpoint-*"), partial / ".lock", Path(args.output_dir).resolve()]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    partial.rename(Path(args.output_dir).resolve())
     lock.close()
-    shutil.rmtree(old, ignore_errors=True)
 
 
-def start_run(args, rank, saved_states, modules, may_change):
-    """A trainer's run: OUTPUT_DIR.partial and its lock, TensorBoard (--report_to), and with --resume the saved state."""
+def start_run(args, rank, saved_states, modules):
+    """A trainer's run: OUTPUT_DIR.partial and its lock, TensorBoard (--report_to), with --resume the saved state."""
     partial, lock = start_output_dir(args.output_dir, args.resume, rank)
-    state = load_state(saved_states, args, modules, rank, may_change) if saved_states else {}
+    state = load_state(saved_states, args, modules, rank) if saved_states else {}
     tracker = SummaryWriter(partial / "runs") if rank == 0 and args.report_to == "tensorboard" else None
-    if rank == 0:
-        (partial / "metrics.jsonl").touch()
     return SimpleNamespace(partial=partial, lock=lock, tracker=tracker, state=state)
 
 
@@ -588,17 +570,11 @@ def finish_run(run, args, script, rank, device, start_time):
     dist.destroy_process_group()
 
 
-def step_of(checkpoint):
-    """N of OUTPUT_DIR.partial/checkpoint-N."""
-    return int(checkpoint.name.split("-")[1])
-
-
-def save_state(args, step, modules, counters, rank):
-    """OUTPUT_DIR.partial/checkpoint-STEP: models and optimisers (MODULES: {name: (model, optimizer)}) through
-    torch.distributed.checkpoint (each rank its part), each rank's COUNTERS and random state, args.json and
-    metrics.jsonl. Written as .tmp, renamed when whole; the newest two are kept."""
-    partial = sibling(args.output_dir, ".partial")
-    tmp, final = partial / f"checkpoint-{step}.tmp", partial / f"checkpoint-{step}"
+def save_state(run, args, step, modules, counters, rank, device):
+    """OUTPUT_DIR.partial/checkpoint-STEP: MODULES {name: (model, optimizer)} by torch.distributed.checkpoint (each rank
+    its part), each rank's COUNTERS and random state, args.json, metrics.jsonl; renamed from .tmp when whole."""
+    check_finite_weights([model for model, _ in modules.values()], device)
+    tmp, final = run.partial / f"checkpoint-{step}.tmp", run.partial / f"checkpoint-{step}"
     state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
     dcp.save(state, checkpoint_id=tmp)
     random_state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
@@ -606,32 +582,25 @@ def save_state(args, step, modules, counters, rank):
     dist.barrier()  # every rank's part is written
     if rank == 0:
         (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        shutil.copy(partial / "metrics.jsonl", tmp)
+        shutil.copy(run.partial / "metrics.jsonl", tmp)
         shutil.rmtree(final, ignore_errors=True)  # (a state that did not load, which this one replaces)
         tmp.rename(final)
-        for older in sorted(partial.glob("checkpoint-*[0-9]"), key=step_of)[:-2]:
-            shutil.rmtree(older)
+        for older in sorted(run.partial.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name[11:]))[:-2]:
+            shutil.rmtree(older)  # the newest two are kept
     dist.barrier()
 
 
-def load_state(states, args, modules, rank, may_change):
-    """The newest of STATES that loads, put back (models, optimisers, random state, metrics.jsonl); returns its
-    counters. Arguments other than MAY_CHANGE must be as saved: a resume continues the same run. A state that cannot
-    be read (cut short, a file missing) is named, and the one before it tried."""
-    failures = []
+def load_state(states, args, modules, rank):
+    """The newest of STATES that loads, put back; its counters. A resume continues the same run: arguments other than
+    args.resume_may_change must be as saved. A state that cannot be read (cut short) is named, and an older one tried."""
     for checkpoint in states:
         saved = json.loads((checkpoint / "args.json").read_text()) if (checkpoint / "args.json").is_file() else {}
-        for name, value in dataclasses.asdict(args).items() if saved else []:
-            if name not in may_change.split() and saved.get(name) != value:
-                was = f"--{name} is {value!r} but was {saved.get(name)!r} in the saved run ({checkpoint})"
-                was = (
-                    f"{checkpoint} was saved by {saved[name]} processes, this run has {value}"
-                    if name == "world_size"
-                    else was
-                )
-                raise InputError(
-                    f"--resume: {was}; a resume continues the same run (or start over: --overwrite_output_dir)"
-                )
+        changed = [k for k, v in vars(args).items() if k not in args.resume_may_change.split() and saved.get(k, v) != v]
+        if changed:
+            key = "world_size" if "world_size" in changed else changed[0]
+            what = "the number of processes" if key == "world_size" else f"--{key}"
+            raise InputError(f"--resume: {what} is {getattr(args, key)!r} but was {saved[key]!r} in {checkpoint}; a "
+                             "resume continues the same run (or start over: --overwrite_output_dir)")  # fmt: skip
         try:
             state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
             dcp.load(state, checkpoint_id=checkpoint)
@@ -640,20 +609,32 @@ def load_state(states, args, modules, rank, may_change):
             failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
         loaded = torch.tensor(float(failure is None))
         dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # every rank takes the same state, or none takes it
-        if loaded.item():
-            for name, (model, optimizer) in modules.items():
-                set_state_dict(
-                    model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"]
-                )
-            cpu, cuda = counters.pop("random_state")
-            torch.set_rng_state(cpu), torch.cuda.set_rng_state_all(cuda) if cuda else None
-            if rank == 0:  # the metrics after the state are written again
-                shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
-            return counters
-        failures.append(f"{checkpoint.name}: {failure or 'unreadable on another rank'}")
-        if rank == 0:
-            print(f"warning: {checkpoint} cannot be loaded ({failures[-1]}); trying an older state", file=sys.stderr)
-    raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded ({'; '.join(failures)})")
+        if not loaded.item():
+            why = failure or "unreadable on another rank"
+            _ = rank == 0 and print(
+                f"warning: {checkpoint} cannot be loaded ({why}); trying an older one", file=sys.stderr
+            )
+            continue
+        for name, (model, optimizer) in modules.items():
+            set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
+                           optim_state_dict=state[name]["optimizer"])  # fmt: skip
+        cpu, cuda = counters.pop("random_state")
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        if rank == 0:  # the metrics after the state are written again
+            shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
+        return counters
+    raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded (each is named above)")
+
+
+def check_finite_weights(models, device):
+    """Every rank counts its weights (under FSDP its shards) holding NaN or inf: nothing is saved unless none do."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for model in models for p in model.parameters()]
+    bad = torch.tensor(float(sum(not torch.isfinite(p).all() for p in local)), device=device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values: nothing was saved")
 
 
 def check_finite(values, when):
@@ -663,27 +644,21 @@ def check_finite(values, when):
         raise InputError(f"NaN or infinite {when} ({numbers}): stopped before the update, OUTPUT_DIR left as it was")
 
 
-def check_finite_weights(models, device):
-    """Every rank counts its weights (under FSDP its shards) holding NaN or inf: a model is saved only if none do."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for model in models for p in model.parameters()]
-    bad = torch.tensor(float(sum(not torch.isfinite(p).all() for p in local)), device=device)
-    dist.all_reduce(bad)
-    if bad.item():
-        raise InputError(f"{int(bad.item())} weight tensors hold NaN or infinite values: nothing saved")
-
-
 def load_rows(source, split):
     """[(row number, row dict)]: a local .jsonl file read here, so that an error names its line (blank lines hold no
     row); a local .json/.parquet/.csv file or a hub data set NAME[@REVISION] read by datasets.load_dataset."""
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
     suffix, (name, _, revision) = Path(source).suffix.lower(), source.partition("@")
     builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+    local = builder is not None or suffix == ".jsonl"
+    if local != Path(source).is_file() and (local or Path(source).exists()):  # missing, or a file of no known format
+        raise InputError(f"{source}: {'no such file' if local else 'unknown format (.jsonl, .json, .parquet, .csv)'}")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
     try:
         lines = Path(source).read_bytes().splitlines() if suffix == ".jsonl" else []
         where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
         rows = [] if lines else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
-    except Exception as error:  # no such file, a malformed one (the library's message says where), offline, ...
+    except Exception as error:  # a malformed file (the library's message says where), offline, no such split, ...
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
     for number, line in [(n, line) for n, line in enumerate(lines, 1) if line.strip()]:
@@ -699,16 +674,13 @@ def load_rows(source, split):
 
 
 def data_loader(examples, batch_size, seed, collate_fn):
-    """Shuffled batches of this rank's share, the same shuffle on every rank; a generator of the loader's own lets a
-    resume skip batches without moving the global one."""
-    sampler = DistributedSampler(examples, shuffle=True, seed=seed, drop_last=True)
-    generator = torch.Generator().manual_seed(seed)
+    """Shuffled batches of this rank's share; the loader's own generator: skipping batches leaves the global one."""
+    sampler, generator = DistributedSampler(examples, seed=seed, drop_last=True), torch.Generator().manual_seed(seed)
     return DataLoader(examples, batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn, generator=generator)
 
 
 def passes(loader, per_pass, skip):
-    """(epoch, batch) of pass after pass, each shuffled anew, PER_PASS batches a pass; the first SKIP left out (a
-    resumed run has trained on them: they are loaded, and left unused)."""
+    """(epoch, batch) of pass after pass, each shuffled anew, PER_PASS a pass; the first SKIP (trained on) left out."""
     first_epoch, skip = divmod(skip, per_pass)
     for epoch in itertools.count(first_epoch):
         loader.sampler.set_epoch(epoch)
@@ -717,12 +689,16 @@ def passes(loader, per_pass, skip):
                 yield epoch, batch
 
 
-def adamw(model, lr, weight_decay, schedule, warmup_ratio, args, total_steps):
-    """AdamW (betas from ARGS, no decay on norms and biases), warm-up and SCHEDULE over TOTAL_STEPS."""
-    decay = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
-             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
-    optimizer = torch.optim.AdamW(decay, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
-    warmup = math.ceil(warmup_ratio * total_steps)
+def adamw(model, args, total_steps, role=""):
+    """AdamW (no decay on norms and biases) and its warm-up and schedule over TOTAL_STEPS, from the flags ROLE_lr,
+    ROLE_weight_decay, ROLE_lr_scheduler and ROLE_lr_warmup_ratio (ROLE: actor_ or critic_ in PPO)."""
+    lr, decay, schedule, warmup = (
+        getattr(args, role + key) for key in ("lr", "weight_decay", "lr_scheduler", "lr_warmup_ratio")
+    )
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": decay},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
+    warmup = math.ceil(warmup * total_steps)
     return optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
@@ -731,15 +707,14 @@ def load_pretrained(model_class, name_or_path, **kwargs):
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
     except Exception as error:  # OSError, ValueError, a missing tokenizer backend, ...
-        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it: {' '.join(str(error).split())}")
+        reason = " ".join(str(error).split())
+        raise InputError(f"{name_or_path}: cannot load a model or tokenizer from it: {reason}") from None
 
 
 def enable_activation_checkpointing(model):
-    """Recompute each layer's activations in the backward pass: less memory, ~1/3 more compute (transformers 5's name;
-    transformers 4 has only gradient_checkpointing_enable)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each layer's activations in the backward pass: less memory, ~1/3 more compute."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -751,11 +726,8 @@ def progress_bar(total, desc, rank, initial=0):
 
 
 def fsdp_shard(model, bf16, reshard_root):
-    """FSDP2: a unit per decoder layer (gathered just before its forward, freed after), then the root (the module whose
-    forward is called); bf16 compute, fp32 masters and reductions. RESHARD_ROOT: free the root's weights after its
-    forward too (None: FSDP's default, kept for the backward)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    """FSDP2: a unit per decoder layer (gathered for its forward, then freed), then the root; bf16 compute, fp32 masters
+    and reductions. RESHARD_ROOT: free the root's weights after its forward too (None: keep them for the backward)."""
     policy = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
     layer_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
     for layer in [module for module in model.modules() if type(module).__name__ in layer_names]:
@@ -764,14 +736,12 @@ def fsdp_shard(model, bf16, reshard_root):
 
 
 def wrap_trained_model(model, device, fsdp, bf16):
-    """A trained model: sharded with --fsdp; else under DDP (it broadcasts rank 0's weights and all-reduces the
-    gradients), or bare in a world of one (DDP's gradient buckets would only cost time)."""
+    """A trained model: sharded with --fsdp, else under DDP (rank 0's weights broadcast, the gradients all-reduced);
+    bare in a world of one."""
     if fsdp:
         return fsdp_shard(model, bf16, reshard_root=None)
     model = model.to(device)
-    if dist.get_world_size() == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(model) if dist.get_world_size() > 1 else model  # (DDP finds the device of a one-device model)
 
 
 def unwrap(model):
@@ -792,10 +762,10 @@ def no_sync(model, enabled=True):
         model.set_requires_gradient_sync(True)
 
 
-def save_model(model, path, rank):
-    """A Hugging Face checkpoint whatever the layout: every rank takes part (under FSDP the full state dict is gathered
-    to the CPU), rank 0 writes it. A tied weight (an LM head that is the embedding) is saved once, as save_pretrained
-    does for an unsharded model: gathered apart, its two names would be two tensors."""
+def save_model(model, path, rank, device):
+    """A Hugging Face checkpoint whatever the layout, never with a NaN or infinite weight: the full state dict gathered
+    to the CPU (every rank takes part), rank 0 writes it; a tied weight once, as unsharded (gathered, it is two)."""
+    check_finite_weights([model], device)
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names_of = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):

@@ -11,6 +11,15 @@ sys.path.insert(0, str(REPO))  # the stage scripts are importable modules: `impo
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+TRAINED = {"sft_checkpoint", "preference_models"}  # fixtures that train a model: a test that uses one is slow
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (`-m "not slow"`) leaves out every test marked slow and every test that needs a trained model."""
+    for item in items:
+        if TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory):

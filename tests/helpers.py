@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,23 @@ EVALUATE_FAST = [
 
 
 # ---- running the scripts ----
+def run_main(module, *args):
+    """A stage script's main() in this process, with ARGS as its command line; returns what main() returns."""
+    saved, sys.argv = sys.argv, [f"{module.__name__}.py", *map(str, args)]
+    try:
+        return module.main()
+    finally:
+        sys.argv = saved
+
+
+def refused(module, *args):
+    """main() must refuse ARGS with the script's InputError, in one line; returns the line."""
+    with pytest.raises(module.InputError) as error:
+        run_main(module, *args)
+    assert "\n" not in str(error.value), str(error.value)
+    return str(error.value)
+
+
 def run_all(commands, parallel=4):
     """{name: (script, args), (script, args, nproc) or (script, args, nproc, cwd)} -> {name: CompletedProcess},
     `parallel` at a time; the script is the repository's, run from CWD (default: the repository)."""

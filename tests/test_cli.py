@@ -104,7 +104,7 @@ def test_help_shows_the_docstring_and_hugging_face_flags(module, monkeypatch, ca
     assert exit_info.value.code == 0 and module.__doc__.splitlines()[0] in help_text
     assert "--no_bf16" in help_text and "(default:" in help_text
     if module is not evaluate:
-        assert "--no_gradient_checkpointing" in help_text and "--report_to {none,tensorboard,wandb}" in help_text
+        assert "--no_gradient_checkpointing" in help_text and "--report_to {none,tensorboard}" in help_text
 
 
 def test_booleans_lists_and_choices_parse_the_hugging_face_way(monkeypatch, capsys):
@@ -116,3 +116,13 @@ def test_booleans_lists_and_choices_parse_the_hugging_face_way(monkeypatch, caps
         with pytest.raises(SystemExit) as exit_info:
             parse(module, argv, monkeypatch)
         assert exit_info.value.code == 2 and f"invalid choice: '{argv[1]}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [sft, preference_model, ppo_lagrangian], ids=lambda m: m.__name__)
+def test_what_a_resume_may_change_are_flags_of_the_script_that_move_no_number(module, monkeypatch):
+    args = parse(module, [], monkeypatch)
+    may_change = set(args.resume_may_change.split())
+    assert may_change <= set(vars(args))  # each one a flag of this script (sft.py has no --save_critics)
+    # what moves no number of the run: where it writes, when it saves and logs, and how (not what) it computes
+    assert may_change == {"resume", "overwrite_output_dir", "output_dir", "save_steps", "logging_steps", "report_to",
+                          "gradient_checkpointing"} | ({"save_critics"} if module is ppo_lagrangian else set())  # fmt: skip
