@@ -719,7 +719,11 @@ def load_rows(source, split):
     try:
         lines = Path(source).read_bytes().splitlines() if suffix == ".jsonl" else []
         where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
-        rows = [] if lines else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
+        rows = (
+            []
+            if suffix == ".jsonl"
+            else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
+        )
     except Exception as error:  # a malformed file (the library's message says where), offline, no such split, ...
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None

@@ -353,7 +353,7 @@ def load_pair_examples(args, tokenizer):
         pairs = preference_pairs(load_rows(args.eval_data, args.eval_split), args.eval_data, args.objective)
         eval_examples, eval_skipped = pair_examples(tokenizer, pairs, args.max_length)
     if len(train_examples) < args.global_batch_size:
-        raise InputError(f"{args.train_data}: {len(train_examples)} usable pairs, fewer than a global batch")
+        raise InputError(f"{args.train_data}: {len(train_examples)} usable pairs, fewer than one global batch")
     return train_examples, eval_examples, (skipped, eval_skipped)
 
 
@@ -657,7 +657,11 @@ def load_rows(source, split):
     try:
         lines = Path(source).read_bytes().splitlines() if suffix == ".jsonl" else []
         where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
-        rows = [] if lines else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
+        rows = (
+            []
+            if suffix == ".jsonl"
+            else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
+        )
     except Exception as error:  # a malformed file (the library's message says where), offline, no such split, ...
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None

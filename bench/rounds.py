@@ -15,10 +15,13 @@ time of every round and stage. The pipeline runs it on its own output (OUT/round
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-from claims import claims_table, counts, difference_claim, percent, rate_claim
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from claims import claims_table, counts, difference_claim, percent, rate_claim  # noqa: E402  (bench/claims.py)
 
 METRICS = {
     "harmful": "harmful answers to harmful prompts",

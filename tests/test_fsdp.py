@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from helpers import REPO, TINY_LLAMA, TOY, run_and_dump, run_script
 
+pytestmark = pytest.mark.slow  # every test here runs torchrun with 2 ranks
+
 
 def checkpoint(path):
     """The saved weights, as a Hugging Face model would load them: the tied LM head is the embedding."""

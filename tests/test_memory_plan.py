@@ -205,6 +205,7 @@ def test_command_line():
     assert "| llama-7b | ppo_lag |" in result.stdout and "| llama-13b | sft |" in result.stdout
 
 
+@pytest.mark.slow
 def test_plan_matches_fsdp2_local_shards_on_2_gloo_ranks(tmp_path):
     """FSDP2 (each layer, then the root) on the six models of PPO-Lagrangian, 2 ranks: each rank's weights, gradients
     and AdamW moments, summed from to_local(), equal the plan's figures for that rank to the byte."""

@@ -62,7 +62,7 @@ def hand_built_harmful(prompt, answer):
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
+def smoke_runs(tmp_path_factory):  # (the tests that use it are marked slow: two pipelines, about 4 minutes)
     """--smoke on both toy worlds: {world: (OUT, the completed process)}. The toy world runs round 1 only (the default
     judge, toy; --rounds 1 keeps CI short); the small world two rounds, run from another directory with relative paths,
     as a user's own data and annotator would be: a copy of the world in "my data", a hand-built judge file ok.py that
@@ -82,6 +82,7 @@ def smoke_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["toy", "toy_small"])
 def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world):
     out, result = smoke_runs[world]
@@ -90,16 +91,9 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
     for model in ["sft", "reward", "cost", *POLICIES]:
         assert (out / model / "model.safetensors").is_file() and (out / model / "args.json").is_file(), model
     assert json.loads((out / "cost" / "config.json").read_text())["objective"] == "cost"
-    for name in (
-        "answers.jsonl",
-        "results.json",
-        "report.md",
-        "reward_vs_cost.png",
-        "policy_bars.png",
-        "elo.png",
-        "score_histogram.png",
-        "training_curves.png",
-    ):
+    assert stages[9:11] == ["evaluate/judge", "evaluate/report"]  # label.py's verdicts, bench/report.py's tables
+    for name in ("answers.jsonl", "results.json", "labelled_answers.jsonl", "labels.json", "report.md",
+                 "reward_vs_cost.png", "elo.png", "training_curves.png"):  # fmt: skip
         assert (out / "eval" / name).is_file(), name
     assert (out / "training_curves.png").is_file()
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -108,7 +102,9 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
         "sft",
         *POLICIES,
     }
-    assert "oracle_harmful_rate" in results["policies"]["sft"]["harmful_prompts"]  # the oracle judges both toy worlds
+    labels = json.loads((out / "eval" / "labels.json").read_text())["policies"]
+    assert "oracle_harmful_rate" in labels["sft"]["harmful_prompts"]  # the oracle judges both toy worlds
+    assert (out / "cost" / "score_histogram.png").is_file()
     # the seed reached every stage, and the printed table is the evaluation's
     for model in ("sft", "reward", "ppo_lag"):
         assert json.loads((out / model / "args.json").read_text())["seed"] == 1
@@ -128,28 +124,20 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
     assert lagrangian["ppo_lag"]["max_steps"] == 2  # the budget is in rollouts (smoke: 2)
 
 
-ROUND_2 = [
-    "round-2/label",
-    "round-2/label-2",
-    "round-2/redteam",
-    "round-2/reward",
-    "round-2/cost",
-    "round-2/new_pairs_new",
-    "round-2/new_pairs_previous",
-    "round-2/ppo_lag",
-    "round-2/evaluate",
-    "rounds/evaluate",
-    "rounds/redteam",
-]
+ROUND_2 = ["round-2/label", "round-2/label/judge", "round-2/label-2", "round-2/label-2/judge", "round-2/redteam",
+           "round-2/redteam/judge", "round-2/reward", "round-2/cost", "round-2/new_pairs_new",
+           "round-2/new_pairs_previous", "round-2/ppo_lag", "round-2/evaluate", "round-2/evaluate/judge",
+           "rounds/evaluate", "rounds/evaluate/judge", "rounds/redteam", "rounds/redteam/judge"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs):
     out, result = smoke_runs["toy_small"]
     data, harmful = out.parent / "my data", hand_built_harmful
     stages = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
     round_2 = out / "round-2"
     scored = (round_2 / "new_pairs_test.jsonl").read_text().strip()  # no held-out new pairs: nothing to score them on
-    assert stages[9:] == [stage for stage in ROUND_2 if scored or "new_pairs" not in stage]
+    assert stages[11:] == [stage for stage in ROUND_2 if scored or "new_pairs" not in stage]
     # 1. fresh prompts: the next distinct prompts of prompts.jsonl (the first row of each); 4 answers of round 1's
     #    policy to each (--smoke; the rule is tested below), all 6 pairs labelled; far fewer than a quarter of round
     #    1's 4,000 pairs, so a second pass (--smoke: the last) labels the next 8 prompts with a seed of its own
@@ -164,7 +152,7 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs):
         label_args = json.loads((round_2 / name / "args.json").read_text())
         assert label_args["policy"] == [f"current={out / 'ppo_lag'}"] and label_args["samples_per_prompt"] == 4
         assert label_args["seed"] == 1 + 2 + 100 * n
-        labelled = json.loads((round_2 / name / "results.json").read_text())["labelled_pairs"]
+        labelled = json.loads((round_2 / name / "labels.json").read_text())["labelled_pairs"]
         rows = [json.loads(line) for line in (round_2 / name / "labelled_pairs.jsonl").read_text().splitlines()]
         assert labelled["pairs"] == 8 * 6 and labelled["written"] == len(rows)
         fresh += rows
@@ -217,7 +205,7 @@ def test_a_second_round_labels_searches_retrains_and_runs_ppo_again(smoke_runs):
     assert (ppo["constraint"], ppo["cost_limit"], ppo["tolerance"]) == ("rectified", 0.0, 0.02)
     assert (round_2 / "ppo_lag" / "model.safetensors").is_file()
     # 5. the rounds side by side, each held-out prompt answered EVAL_SAMPLES times (--smoke: 2), and the report
-    policies = json.loads((out / "rounds" / "eval" / "results.json").read_text())["policies"]
+    policies = json.loads((out / "rounds" / "eval" / "labels.json").read_text())["policies"]
     assert list(policies) == ["sft", "round-1", "round-2"] and "oracle_other_rate" in policies["round-2"]["all"]
     for evaluation in (out / "eval", round_2 / "eval", out / "rounds" / "eval", out / "rounds" / "redteam"):
         assert json.loads((evaluation / "args.json").read_text())["samples_per_prompt"] == 2
@@ -283,6 +271,7 @@ def test_the_rounds_are_measured_on_at_least_600_answers_per_policy(distinct_eva
     assert distinct_eval_prompts * samples >= 600 > distinct_eval_prompts * (samples - 1) or samples == 1
 
 
+@pytest.mark.slow
 def test_the_pipeline_has_no_setting_that_differs_between_the_worlds(smoke_runs):
     def settings(out):  # every round-1 stage's args.json, paths (and the judge file) aside
         return {
@@ -332,6 +321,7 @@ def test_bad_arguments_fail_before_any_stage(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in (REPO / "data" / "toy_small").iterdir())
 
 
+@pytest.mark.slow
 def test_an_output_of_other_settings_or_of_someone_else_is_refused(smoke_runs, tmp_path):
     out, _ = smoke_runs["toy_small"]
     before = (out / "pipeline.json").read_text()
@@ -369,6 +359,7 @@ def test_a_second_pipeline_into_the_same_output_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock"]
 
 
+@pytest.mark.slow
 def test_a_failed_stage_is_one_line_naming_its_log(tmp_path):
     shutil.copytree(REPO / "data" / "toy_small", tmp_path / "data")
     with open(tmp_path / "data" / "sft.jsonl", "a") as file:

@@ -2,8 +2,6 @@
 identical, the baselines behave, a NaN stops the run cleanly, and bad input gets a clear error."""
 
 import json
-import shutil
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -12,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_lagrangian as ppo
-from helpers import REPO, TOY, existing_output, run_and_dump, run_script
+from helpers import REPO, TOY, existing_output, ppo_args, refused, run_and_dump, run_main, run_script
 
 sys.path.insert(0, str(REPO / "data"))
 from toy_world import judge  # noqa: E402
@@ -125,6 +123,7 @@ def test_ppo_lag_gets_safer_and_ppo_gets_more_helpful(
     assert lag_rate < sft_rate - 0.15 and ppo_rate > sft_rate + 0.1, (sft_rate, lag_rate, ppo_rate)
 
 
+@pytest.mark.slow
 def test_two_ranks_end_identical(sft_checkpoint, preference_models, tmp_path):
     run_and_dump(
         "ppo_lagrangian.py",
@@ -161,34 +160,11 @@ def test_two_ranks_end_identical(sft_checkpoint, preference_models, tmp_path):
     assert max((rank0["actor"][k] - sft[k]).abs().max().item() for k in sft) > 1e-6
 
 
-def test_baselines_and_the_lambda_delay(sft_checkpoint, preference_models, tmp_path):
-    common = [
-        *models(sft_checkpoint, preference_models),
-        *FAST,
-        "--prompt_data",
-        TOY / "prompts.jsonl",
-        "--max_steps",
-        3,
-        "--per_device_prompt_batch_size",
-        4,
-        "--per_device_train_batch_size",
-        4,
-        "--save_critics",
-        "--lambda_init",
-        0.7,
-    ]
-    run_script("ppo_lagrangian.py", *common, "--algorithm", "reward_shaping", "--output_dir", tmp_path / "shaping")
-    run_script("ppo_lagrangian.py", *common, "--algorithm", "ppo", "--output_dir", tmp_path / "ppo")
-    run_script(
-        "ppo_lagrangian.py",
-        *common,
-        "--lambda_update_delay_steps",
-        2,
-        "--cost_limit",
-        -50.0,
-        "--output_dir",
-        tmp_path / "delay",
-    )
+def test_baselines_and_the_lambda_delay(tiny, tmp_path):
+    common = [*ppo_args(tiny), "--max_steps", 3, "--save_critics", "--lambda_init", 0.7]
+    run_main(ppo, *common, "--algorithm", "reward_shaping", "--output_dir", tmp_path / "shaping")
+    run_main(ppo, *common, "--algorithm", "ppo", "--output_dir", tmp_path / "ppo")
+    run_main(ppo, *common, "--lambda_update_delay_steps", 2, "--cost_limit", -50.0, "--output_dir", tmp_path / "delay")
     shaping, plain, delayed = (read_metrics(tmp_path / name) for name in ("shaping", "ppo", "delay"))
     # reward shaping: λ0 stays where it was set; one critic
     assert [m["lagrange/lambda"] for m in shaping] == [0.7] * 3
@@ -207,122 +183,44 @@ def test_baselines_and_the_lambda_delay(sft_checkpoint, preference_models, tmp_p
     assert state["lambda"] == pytest.approx(lambdas[2]) and state["rollouts"] == 3
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(sft_checkpoint, preference_models, tmp_path):
-    # a reward model whose head outputs NaN
-    broken = tmp_path / "nan-reward"
-    shutil.copytree(preference_models / "reward", broken)
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(broken)
-    with torch.no_grad():
-        model.score.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     output_dir = tmp_path / "out"
-    existing_output(output_dir, sft_checkpoint, "ppo_lagrangian.py")  # "the last good checkpoint" of an earlier run
+    existing_output(output_dir, tiny.sft_model, "ppo_lagrangian.py")  # "the last good checkpoint" of an earlier run
     before = (output_dir / "model.safetensors").read_bytes()
-    result = run_script(
-        "ppo_lagrangian.py",
-        "--actor_model",
-        sft_checkpoint,
-        "--reward_model",
-        broken,
-        "--cost_model",
-        preference_models / "cost",
-        *FAST,
-        "--prompt_data",
-        TOY / "prompts.jsonl",
-        "--output_dir",
-        output_dir,
-        "--max_steps",
-        2,
-        "--per_device_prompt_batch_size",
-        4,
-        "--per_device_train_batch_size",
-        4,
-        check=False,
-    )
-    assert result.returncode == 1
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert (
-        last_line.startswith("error: ")
-        and "NaN or infinite at rollout 1" in last_line
-        and "stopped before the update" in last_line
-    )
+    message = refused(ppo, *ppo_args(tiny, cost_model=tiny.nan_cost), "--max_steps", 2, "--output_dir", output_dir)
+    assert "NaN or infinite at rollout 1" in message and "stopped before the update" in message
     assert (output_dir / "model.safetensors").read_bytes() == before
 
 
-def test_the_rollout_budget_does_not_depend_on_the_prompt_set(sft_checkpoint, preference_models, tmp_path):
+def test_the_rollout_budget_does_not_depend_on_the_prompt_set(tiny, tmp_path, capsys):
     """--max_steps N runs N rollouts however few prompts there are: 3 distinct prompts (5 rows) and rollout batches of
     4 give a warning (each pass holds every prompt twice), a count of how often each prompt is answered, and 3
     rollouts."""
-    rows = [json.loads(line) for line in (TOY / "prompts.jsonl").read_text().splitlines()][:3]
+    rows = [json.loads(line) for line in tiny.prompts.read_text().splitlines()][:3]
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + rows[:2]))
-    result = run_script(
-        "ppo_lagrangian.py",
-        *models(sft_checkpoint, preference_models),
-        *FAST,
-        "--prompt_data",
-        tmp_path / "few.jsonl",
-        "--output_dir",
-        tmp_path / "run",
-        "--max_steps",
-        3,
-        "--per_device_prompt_batch_size",
-        4,
-        "--per_device_train_batch_size",
-        4,
-        "--cost_limit",
-        -5.0,
-    )
-    assert (
-        "3 distinct prompts, fewer than one rollout batch (4 answers): each prompt is answered 2 times per pass"
-        in result.stderr
-    )
-    assert (
-        "3 distinct prompts (5 rows" in result.stdout and "3 rollouts: each prompt answered 4.0 times" in result.stdout
-    )
+    run_main(ppo, *ppo_args(tiny), "--prompt_data", tmp_path / "few.jsonl", "--max_steps", 3, "--output_dir", tmp_path / "run")
+    out, err = capsys.readouterr()
+    assert "3 distinct prompts, fewer than one rollout batch (4 answers): each is answered 2 times per pass" in err
+    assert "3 distinct prompts (5 rows" in out and "3 rollouts: each prompt answered 4.0 times" in out
     assert [m["rollout"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
-def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, preference_models, tmp_path):
+def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "hi"}\n{"question": "hello"}\n')
     cases = {
-        "prompt missing": (
-            ["--prompt_data", tmp_path / "no_prompt.jsonl"],
-            ["no_prompt.jsonl, row 2, field 'prompt': missing"],
-        ),
-        "swapped models": (
-            ["--reward_model", preference_models / "cost", "--cost_model", preference_models / "reward"],
-            ["this is a cost model, but it was given as the reward model"],
-        ),
-        "indivisible batch": (
-            ["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4],
-            ["a divisor of the prompt batch 6"],
-        ),
-        "constraint without ppo_lag": (
-            ["--algorithm", "ppo", "--constraint", "rectified"],
-            ["--constraint rectified: must be expected unless --algorithm ppo_lag"],
-        ),
-        "pid without K_I": (
-            ["--lambda_update", "pid", "--pid_ki", 0],
-            ["--pid_ki 0.0: must be positive with --lambda_update pid"],
-        ),
-        "missing critic": (["--reward_critic_model", tmp_path / "nope"], ["nope", "cannot load"]),
-        "missing prompts": (["--prompt_data", tmp_path / "nope.jsonl"], ["nope.jsonl: no such file"]),
-    }
-    good = [*models(sft_checkpoint, preference_models), "--prompt_data", TOY / "prompts.jsonl"]
-    processes = {}
-    for name, (bad, _) in cases.items():
-        output_dir = tmp_path / name.replace(" ", "_")
-        command = [sys.executable, "ppo_lagrangian.py", *map(str, good + bad), "--output_dir", str(output_dir)]
-        processes[name] = (
-            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-            output_dir,
-        )
-    for name, (process, output_dir) in processes.items():
-        _, stderr = process.communicate(timeout=300)
-        last_line = stderr.strip().splitlines()[-1]
-        assert process.returncode == 1 and last_line.startswith("error: "), (name, stderr[-2000:])
-        for expected in cases[name][1]:
-            assert expected in last_line, (name, last_line)
-        assert not output_dir.exists() and not output_dir.with_name(output_dir.name + ".partial").exists(), name
+        "prompt missing": (["--prompt_data", tmp_path / "no_prompt.jsonl"], "no_prompt.jsonl, row 2, field 'prompt': missing"),
+        "swapped models": (["--reward_model", tiny.cost, "--cost_model", tiny.reward],
+                           "this is a cost model, but it was given as the reward model"),
+        "indivisible batch": (["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4],
+                              "a divisor of the prompt batch 6"),
+        "constraint without ppo_lag": (["--algorithm", "ppo", "--constraint", "rectified"],
+                                       "--constraint rectified: must be expected unless --algorithm ppo_lag"),
+        "pid without K_I": (["--lambda_update", "pid", "--pid_ki", 0], "--pid_ki 0.0: must be positive with --lambda_update pid"),
+        "missing critic": (["--reward_critic_model", tmp_path / "nope"], "cannot load"),
+        "missing prompts": (["--prompt_data", tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
+        "too few PTX rows": (["--ptx_data", tmp_path / "no_prompt.jsonl"], "no_prompt.jsonl, row 1, field 'response'"),
+    }  # fmt: skip
+    for name, (bad, expected) in cases.items():
+        message = refused(ppo, *ppo_args(tiny), *bad, "--output_dir", tmp_path / "out")
+        assert expected in message, (name, message)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists(), name

@@ -2,7 +2,6 @@
 slices against a token-by-token recomputation, the reward-shaping end reward by hand, and one real in-process run whose
 λ steps, episode-cost window and training mode (gradient checkpointing active during the update) are checked."""
 
-import itertools
 import json
 import math
 import sys
@@ -13,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 import ppo_lagrangian as ppo
 import sft
-from helpers import TINY_LLAMA, TOY
+from helpers import TINY_LLAMA, TOY, run_main
 
 
 def left_padded_batch(tokenizer, prompts, answers):
@@ -230,35 +229,31 @@ PTX_COEFF = 3.0
 
 @pytest.fixture(scope="module")
 def ptx_run(tiny, tmp_path_factory):
-    """ppo_lag with --ptx_data for 2 rollouts, no gradient clipping; at every update step it records the gradient of
-    the PPO loss alone, the SFT gradient on the PTX batch that step used, and the actor's gradient that the step
-    takes."""
+    """ppo_lag with --ptx_data for 2 rollouts, no gradient clipping; at every update step it records the actor's
+    gradient of the PPO loss alone (what the step holds when PTX begins), the SFT gradient of the PTX batch, and the
+    gradient the step takes."""
     output_dir = tmp_path_factory.mktemp("wiring") / "ptx"
-    argv = ["ppo_lagrangian.py", "--actor_model", str(tiny.sft_model), "--reward_model", str(tiny.reward),
-            "--cost_model", str(tiny.cost), "--prompt_data", str(tiny.prompts), "--ptx_data", str(tiny.sft),
-            "--ptx_coeff", str(PTX_COEFF), "--output_dir", str(output_dir), "--max_steps", "2", "--max_grad_norm", "0",
-            "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
-            "--max_length", "64", "--no_gradient_checkpointing", "--no_bf16", "--seed", "0"]  # fmt: skip
-    records, original = [], ppo.backward_actor
+    argv = ["--actor_model", tiny.sft_model, "--reward_model", tiny.reward, "--cost_model", tiny.cost,
+            "--prompt_data", tiny.prompts, "--ptx_data", tiny.sft, "--ptx_coeff", PTX_COEFF, "--output_dir", output_dir,
+            "--max_steps", 2, "--max_grad_norm", 0, "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size",
+            2, "--max_new_tokens", 8, "--max_length", 64, "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]  # fmt: skip
+    records, original = [], ppo.ptx_backward
 
-    def recording(actor, policy_loss, ptx_batches, args, device, autocast):
+    def recording(actor, batch, args, device, autocast):
         parameters = list(actor.parameters())
-        ppo_gradient = torch.autograd.grad(policy_loss, parameters, retain_graph=True)
-        batch = next(ptx_batches)  # the batch the step will use, handed back to it
-        losses = original(actor, policy_loss, itertools.chain([batch], ptx_batches), args, device, autocast)
+        ppo_gradient = [p.grad.clone() for p in parameters]
+        ptx_loss = original(actor, batch, args, device, autocast)
         taken = [p.grad.clone() for p in parameters]
         logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sft_loss = ppo.sft_loss_sum(logits, batch["labels"]) / ppo.count_answer_tokens(batch["labels"])
-        records.append((ppo_gradient, torch.autograd.grad(sft_loss, parameters), taken, losses["ptx"].item(),
-                        sft_loss.item()))  # fmt: skip
-        return losses
+        sft_loss = sft.sft_loss_sum(logits, batch["labels"]) / sft.count_answer_tokens(batch["labels"])  # sft.py's
+        records.append((ppo_gradient, torch.autograd.grad(sft_loss, parameters), taken, ptx_loss.item(), sft_loss.item()))
+        return ptx_loss
 
-    ppo.backward_actor, old_argv = recording, sys.argv
-    sys.argv = argv
+    ppo.ptx_backward = recording
     try:
-        ppo.main()
+        run_main(ppo, *argv)
     finally:
-        ppo.backward_actor, sys.argv = original, old_argv
+        ppo.ptx_backward = original
     return records, json_lines(output_dir / "metrics.jsonl")
 
 
@@ -266,7 +261,7 @@ def test_the_ptx_step_takes_the_ppo_gradient_plus_ptx_coeff_times_the_sft_gradie
     records, metrics = ptx_run
     assert len(records) == 2 * 2  # 2 rollouts × (4 prompts / 2 per update step)
     for ppo_gradient, sft_gradient, taken, logged_ptx, sft_loss in records:
-        assert logged_ptx == pytest.approx(sft_loss, rel=1e-5)  # the PTX loss is the SFT loss of that batch
+        assert logged_ptx == pytest.approx(sft_loss, rel=1e-5)  # the PTX loss is sft.py's loss of that batch
         for g_ppo, g_sft, g in zip(ppo_gradient, sft_gradient, taken):  # equal up to float32 rounding of the sums
             assert (g - (g_ppo + PTX_COEFF * g_sft)).abs().max() <= 1e-5 * g.abs().max()
         assert max((g_sft * PTX_COEFF).abs().max().item() for g_sft in sft_gradient) > 1e-3  # it does move the step

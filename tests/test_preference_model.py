@@ -3,15 +3,13 @@ the toy world, reloading, two ranks agreeing, and bad input."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import preference_model as pm
-from helpers import REPO, TINY_LLAMA, TOY, run_and_dump
+from helpers import TINY_LLAMA, TOY, preference_args, refused, run_and_dump
 
 
 def log_sigmoid(x):
@@ -68,8 +66,8 @@ def test_pairs_follow_the_labels_not_the_column_order():
         "is_response_0_safe": True,
         "is_response_1_safe": False,
     }
-    (reward_pair,) = pm.preference_pairs([row], "x.jsonl", "reward")
-    (cost_pair,) = pm.preference_pairs([row], "x.jsonl", "cost")
+    (reward_pair,) = pm.preference_pairs([(1, row)], "x.jsonl", "reward")
+    (cost_pair,) = pm.preference_pairs([(1, row)], "x.jsonl", "cost")
     assert (reward_pair.preferred, reward_pair.rejected) == ("one", "zero")
     assert (cost_pair.preferred, cost_pair.rejected, cost_pair.preferred_is_safe, cost_pair.rejected_is_safe) == (
         "zero",
@@ -78,8 +76,9 @@ def test_pairs_follow_the_labels_not_the_column_order():
         False,
     )
     # and the loss then pushes the better answer's score up: the preferred answer is the first half of the batch
-    examples, _ = pm.pair_examples(AutoTokenizer.from_pretrained(TINY_LLAMA), [reward_pair], 64)
-    batch = pm.collate_pairs(examples, 0)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    examples, _ = pm.pair_examples(tokenizer, [reward_pair], 64)
+    batch = pm.collate_pairs(examples, tokenizer)
     assert batch["input_ids"][0, : batch["attention_mask"][0].sum()].tolist() == examples[0]["preferred"]
     scores = torch.zeros(2, requires_grad=True)
     pm.preference_loss("reward", *scores.chunk(2), batch, 0.0).backward()
@@ -145,13 +144,13 @@ def test_saved_model_reloads_with_the_same_scores(preference_models, objective):
         and config["pad_token_id"] != config["eos_token_id"]
     )
     # recompute the eval accuracy with the reloaded model, through plain transformers (no position ids of ours)
-    rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()]
+    rows = pm.load_rows(str(TOY / "preference_test.jsonl"), "test")
     pairs = pm.preference_pairs(rows, "preference_test.jsonl", objective)
     examples, _ = pm.pair_examples(tokenizer, pairs, 128)
     correct = signs = 0
     with torch.no_grad():
         for start in range(0, len(examples), 64):
-            batch = pm.collate_pairs(examples[start : start + 64], tokenizer.pad_token_id)
+            batch = pm.collate_pairs(examples[start : start + 64], tokenizer)
             preferred, rejected = (
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
             )
@@ -196,66 +195,37 @@ def test_two_ranks_agree(sft_checkpoint, tmp_path):
         "eval/loss",
         "eval/accuracy",
         "eval/sign_accuracy",
+        "eval/pairs",
+        "eval/identical_pairs_skipped",
     }
+    # the histogram draws every held-out answer's score, gathered from both ranks (not rank 0's half alone)
+    pairs = len(pm.preference_pairs(pm.load_rows(str(TOY / "preference_test.jsonl"), "test"), "x", "cost"))
+    assert len(rank0["scores"]) == len(rank1["scores"]) == 2 * pairs
     saved = json.loads((tmp_path / "cost" / "eval.json").read_text())
     assert saved["eval/accuracy"] == rank0["metrics"]["eval/accuracy"]
 
 
-def test_bad_input_gives_a_clear_error_and_writes_nothing(sft_checkpoint, tmp_path):
+def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
     rows = [json.loads(line) for line in (TOY / "preference_test.jsonl").read_text().splitlines()[:40]]
-    inconsistent = [dict(r) for r in rows]
+    inconsistent, missing, wrong = ([dict(r) for r in rows] for _ in range(3))
     inconsistent[6].update(safer_response_id=0, is_response_0_safe=False, is_response_1_safe=True)
-    missing = [dict(r) for r in rows]
     del missing[3]["safer_response_id"]
-    wrong = [dict(r) for r in rows]
     wrong[9]["better_response_id"] = 2
     for name, data in (("inconsistent", inconsistent), ("missing", missing), ("wrong", wrong)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    cases = {
-        "inconsistent safety": (
-            ["--objective", "cost", "--train_data", tmp_path / "inconsistent.jsonl"],
-            ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"],
-        ),
-        "missing field": (
-            ["--train_data", tmp_path / "missing.jsonl"],
-            ["missing.jsonl, row 4", "'safer_response_id'"],
-        ),
-        "bad id": (
-            ["--train_data", tmp_path / "wrong.jsonl"],
-            ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"],
-        ),
-        "missing model": (["--model_name_or_path", tmp_path / "nowhere"], ["nowhere", "cannot load"]),
-        "pad equals eos": (["--model_name_or_path", TINY_LLAMA, "--objective", "reward"], []),
-    }
-    # a tokenizer whose pad token is its EOS (as many hub tokenizers are set up)
-    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)  # a tokenizer whose pad token is its EOS, as in many hub models
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path / "pad-is-eos")
     AutoConfig.from_pretrained(TINY_LLAMA).save_pretrained(tmp_path / "pad-is-eos")
-    cases["pad equals eos"] = (
-        ["--model_name_or_path", tmp_path / "pad-is-eos"],
-        ["pad-is-eos", "pad token must exist and differ from EOS"],
-    )
-    good = [
-        "--model_name_or_path",
-        sft_checkpoint,
-        "--train_data",
-        TOY / "preference_train.jsonl",
-        "--eval_data",
-        TOY / "preference_test.jsonl",
-    ]
-    processes = {}
-    for name, (bad, _) in cases.items():
-        output_dir = tmp_path / name.replace(" ", "_")
-        command = [sys.executable, "preference_model.py", *map(str, good + bad), "--output_dir", str(output_dir)]
-        processes[name] = (
-            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-            output_dir,
-        )
-    for name, (process, output_dir) in processes.items():
-        _, stderr = process.communicate(timeout=300)
-        last_line = stderr.strip().splitlines()[-1]
-        assert process.returncode == 1 and last_line.startswith("error: "), (name, stderr[-2000:])
-        for expected in cases[name][1]:
-            assert expected in last_line, (name, last_line)
-        assert not output_dir.exists() and not output_dir.with_name(output_dir.name + ".partial").exists(), name
+    cases = {
+        "inconsistent safety": (["--objective", "cost", "--train_data", tmp_path / "inconsistent.jsonl"],
+                                ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"]),
+        "missing field": (["--train_data", tmp_path / "missing.jsonl"], ["missing.jsonl, row 4", "'safer_response_id'"]),
+        "bad id": (["--train_data", tmp_path / "wrong.jsonl"], ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"]),
+        "missing model": (["--model_name_or_path", tmp_path / "nowhere"], ["nowhere", "cannot load"]),
+        "pad equals eos": (["--model_name_or_path", tmp_path / "pad-is-eos"], ["pad-is-eos", "differ from EOS"]),
+    }  # fmt: skip
+    for name, (bad, expected) in cases.items():
+        message = refused(pm, *preference_args(tiny), *bad, "--output_dir", tmp_path / "out")
+        assert all(text in message for text in expected), (name, message)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists(), name

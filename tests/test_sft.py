@@ -1,8 +1,8 @@
-"""sft.py: the masked cross-entropy, accumulation/DDP invariance, a real run that learns, and bad input."""
+"""sft.py: the masked cross-entropy, activation checkpointing, accumulation/DDP invariance, a real run that learns,
+TensorBoard, and bad input."""
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
 import sft
-from helpers import REPO, TINY_LLAMA, TOY, run_and_dump
+from helpers import REPO, TINY_LLAMA, TOY, refused, run_and_dump, run_main, sft_args
 
 
 def test_sft_loss_matches_hand_computation():
@@ -56,14 +56,6 @@ def test_examples_mask_exactly_the_prompt():
     assert examples == [] and dropped == 1
 
 
-def test_alpaca_rows_are_accepted():
-    pairs = sft.sft_rows(
-        [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi", "response": "Hello"}], "x.jsonl"
-    )
-    # the reference joins instruction and input with a space (safe_rlhf/datasets/raw/alpaca.py)
-    assert pairs == [("Add 2 and 3", "5"), ("Hi", "Hello")]
-
-
 def test_activation_checkpointing_recomputes_each_layer_and_changes_no_gradient(monkeypatch):
     """--gradient_checkpointing (on by default) through enable_activation_checkpointing: each decoder layer's MLP runs
     again in the backward pass, and the gradients are those of the plain model."""
@@ -91,6 +83,7 @@ def test_activation_checkpointing_recomputes_each_layer_and_changes_no_gradient(
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_and_ddp_give_the_same_step(tmp_path):
     """One optimiser step over the same global batch of 8: (1 process, 1 micro-step of 8),
     (1 process, 4 micro-steps of 2), (2 processes, 2 micro-steps of 2) give the same parameters."""
@@ -176,79 +169,30 @@ def test_short_run_learns_and_checkpoint_generates(sft_checkpoint):
     assert recognised >= 16, f"only {recognised}/20 greedy answers are answers of the toy world"
 
 
-def test_tensorboard_events_hold_the_training_loss(sft_checkpoint):
+def test_tensorboard_events_hold_the_training_loss(tiny, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = (sft_checkpoint / "runs").glob("events.out.tfevents.*")
+    run_main(sft, *sft_args(tiny), "--max_steps", 4, "--report_to", "tensorboard", "--output_dir", tmp_path / "out")
+    (events,) = (tmp_path / "out" / "runs").glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     logged = [event.value for event in accumulator.Scalars("train/loss")]
-    written = [json.loads(line)["train/loss"] for line in (sft_checkpoint / "metrics.jsonl").read_text().splitlines()]
-    assert logged == pytest.approx(written, rel=1e-6) and len(logged) > 10
+    written = [json.loads(line)["train/loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(written, rel=1e-6) and len(logged) == 4
 
 
-def test_local_csv_and_parquet_files_are_read(tmp_path):
-    import datasets
-
-    rows = [
-        {"prompt": "How do I bake bread?", "response": "Mix, knead and bake."},
-        {"prompt": "Hi", "response": "Hello"},
-    ]
-    datasets.Dataset.from_list(rows).to_csv(tmp_path / "rows.csv", index=False)
-    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
-    for name in ("rows.csv", "rows.parquet"):
-        assert sft.sft_rows(sft.load_rows(str(tmp_path / name), "train"), name) == [
-            (r["prompt"], r["response"]) for r in rows
-        ]
-
-
-def _bad_input_cases(tmp_path):
-    good = ["--model_name_or_path", TINY_LLAMA, "--from_scratch", "--train_data", TOY / "sft.jsonl"]
-    (tmp_path / "rows.txt").write_text("prompt,response\nhi,hello\n")
+def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
     (tmp_path / "missing_field.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
-    (tmp_path / "bad_json.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n')
     (tmp_path / "wrong_type.jsonl").write_text('{"prompt": "a", "response": 7}\n')
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "blank_lines.jsonl").write_text(
-        '{"prompt": "a", "response": "b"}\n\n\n{"prompt": "c", "response": ""}\n'
-    )
-    return {
-        "missing file": (["--train_data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
-        "unknown format": (["--train_data", tmp_path / "rows.txt"], ["rows.txt", "unknown format"]),
-        "missing field": (
-            ["--train_data", tmp_path / "missing_field.jsonl"],
-            ["missing_field.jsonl, row 2", "'response'"],
-        ),
-        "bad json": (["--train_data", tmp_path / "bad_json.jsonl"], ["bad_json.jsonl, row 3: not one JSON object"]),
-        "wrong type": (
-            ["--train_data", tmp_path / "wrong_type.jsonl"],
-            ["row 1, field 'response'", "expected a non-empty string"],
-        ),
+    cases = {
+        "missing field": (["--train_data", tmp_path / "missing_field.jsonl"], ["missing_field.jsonl, row 2", "'response'"]),
+        "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "non-empty string"]),
         "empty": (["--train_data", tmp_path / "empty.jsonl"], ["empty.jsonl: no rows"]),
-        "blank lines": (
-            ["--train_data", tmp_path / "blank_lines.jsonl"],
-            ["blank_lines.jsonl, row 4, field 'response'"],
-        ),  # the line
         "missing model": (["--model_name_or_path", tmp_path / "no-such-model"], ["no-such-model", "cannot load"]),
-        "missing eval file": (["--eval_data", tmp_path / "eval.json"], ["eval.json", "no such file"]),
-    }, good
-
-
-def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path):
-    cases, good = _bad_input_cases(tmp_path)
-    processes = {}
-    for name, (bad, _) in cases.items():
-        output_dir = tmp_path / name.replace(" ", "_")
-        command = [sys.executable, "sft.py", *map(str, good + bad), "--output_dir", str(output_dir)]
-        processes[name] = (
-            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-            output_dir,
-        )
-    for name, (process, output_dir) in processes.items():
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 1, (name, stderr[-2000:])
-        last_line = stderr.strip().splitlines()[-1]
-        assert last_line.startswith("error: "), (name, stderr[-2000:])
-        for expected in cases[name][1]:
-            assert expected in last_line, (name, last_line)
-        assert not output_dir.exists() and not output_dir.with_name(output_dir.name + ".partial").exists(), name
+        "too few rows": (["--per_device_train_batch_size", 1000], ["64 usable rows, fewer than one global batch"]),
+    }  # fmt: skip
+    for name, (bad, expected) in cases.items():
+        message = refused(sft, *sft_args(tiny), *bad, "--output_dir", tmp_path / "out")
+        assert all(text in message for text in expected), (name, message)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists(), name
