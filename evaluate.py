@@ -78,8 +78,8 @@ def arg(default, help, **metadata):  # a field of Args: its default, its --help 
 class Args:
     policy: list[str] = field(
         default_factory=list,
-        metadata={"help": "the policies, NAME=PATH each (a causal-LM checkpoint): --policy sft=A ppo_lag=B, or --policy "
-                  "once per policy", "action": "extend"},
+        metadata={"help": "the policies, NAME=PATH each (causal-LM checkpoints): --policy sft=A ppo_lag=B, or "
+                  "--policy once per policy", "action": "extend"},
     )  # fmt: skip
     prompt_data: str = arg(
         PKU_SAFERLHF, "prompts ('prompt', optionally a boolean 'harmful'): .jsonl/.json/.parquet/.csv or hub"
@@ -208,8 +208,8 @@ def main():
     args = parse_args(Args)
     policies = parse_policies(args.policy)
     check_jobs(args, policies)  # policies and/or score models to evaluate, and the models each job needs
-    inputs = {**{f"policy {name}": path for name, path in policies.items()}, "reward_model": args.reward_model,
-              "cost_model": args.cost_model, "prompt_data": args.prompt_data, "preference_data": args.preference_data}  # fmt: skip
+    inputs = {f"policy {name}": path for name, path in policies.items()}  # the inputs: never inside the output
+    inputs |= {name: value for name, value in vars(args).items() if name.endswith(("_model", "_data"))}
     check_output_dir(args, "evaluate.py", inputs)  # before any work
     rank, args.world_size, device = setup_distributed()
     use_bf16, autocast = mixed_precision(args.bf16, device)
@@ -432,7 +432,7 @@ def check_jobs(args, policies):
         raise InputError("nothing to evaluate: give --policy NAME=PATH (once per policy) and/or --preference_data FILE")
     if policies and not (args.reward_model and args.cost_model):
         raise InputError(
-            "evaluating policies needs both --reward_model and --cost_model (the judges of helpfulness and harmlessness)"
+            "evaluating policies needs both --reward_model and --cost_model (the judges of helpfulness, harmlessness)"
         )
     if args.preference_data and not (args.reward_model or args.cost_model):
         raise InputError("--preference_data needs --reward_model and/or --cost_model to evaluate")
@@ -507,7 +507,8 @@ def load_eval_prompts(args, policy_tokenizers, rank):
     if rank == 0:
         answers = f"{len(rows)} answers ({'greedy' if args.greedy else 'sampled'}) per policy"
         print(
-            f"evaluate: {len(policy_tokenizers)} policies, {answers}; {skipped} prompts skipped (too long); world size {args.world_size}"
+            f"evaluate: {len(policy_tokenizers)} policies, {answers}; {skipped} prompts skipped (too long); "
+            f"world size {args.world_size}"
         )
     return rows, split_by_kind
 
@@ -526,7 +527,8 @@ def load_eval_pairs(args, score_tokenizers):
         ]
         if args.fsdp and len(pairs[objective]) < args.world_size:
             raise InputError(
-                f"{args.preference_data}: {len(pairs[objective])} pairs, fewer than the {args.world_size} ranks; run without --fsdp"
+                f"{args.preference_data}: {len(pairs[objective])} pairs, fewer than the {args.world_size} ranks; "
+                "run without --fsdp"
             )
     return pairs
 
@@ -583,31 +585,23 @@ PAIR_FIELDS = {"prompt": str, "response_0": str, "response_1": str, "better_resp
 
 
 def preference_pairs(rows, source, objective):
-    """A PreferencePair per PKU-SafeRLHF row: preferred = the better
-    answer (better_response_id) for the reward model, the safer one (safer_response_id) for the cost model. Checks
-    every field a row needs."""
+    """A PreferencePair per PKU-SafeRLHF row, every field checked: preferred = the better answer (better_response_id)
+    for the reward model, the safer one (safer_response_id) for the cost model; rejected = the other."""
     pairs = []
     for number, row in rows:
         for name, kind in PAIR_FIELDS.items():
             value = row.get(name)
-            if value is None:
-                raise InputError(
-                    f"{source}, row {number}: missing field '{name}' (a PKU-SafeRLHF row has {', '.join(PAIR_FIELDS)})"
-                )
             if type(value) is not kind or (kind is int and value not in (0, 1)) or (kind is str and not value.strip()):
                 expected = {str: "a non-empty string", int: "0 or 1", bool: "true or false"}[kind]
                 raise InputError(f"{source}, row {number}, field '{name}': expected {expected}, got {value!r}")
-        preferred = row["better_response_id"] if objective == "reward" else row["safer_response_id"]
-        answers, is_safe = (
-            (row["response_0"], row["response_1"]),
-            (row["is_response_0_safe"], row["is_response_1_safe"]),
-        )
-        if objective == "cost" and not is_safe[preferred] and is_safe[1 - preferred]:
+        preferred = row["better_response_id" if objective == "reward" else "safer_response_id"]
+        answers, safe = (row["response_0"], row["response_1"]), (row["is_response_0_safe"], row["is_response_1_safe"])
+        if objective == "cost" and not safe[preferred] and safe[1 - preferred]:
             raise InputError(
                 f"{source}, row {number}: inconsistent safety labels: the safer answer (response_{preferred}) is "
                 f"labelled unsafe while response_{1 - preferred} is labelled safe"
             )
-        pair = (row["prompt"], answers[preferred], answers[1 - preferred], is_safe[preferred], is_safe[1 - preferred])
+        pair = (row["prompt"], answers[preferred], answers[1 - preferred], safe[preferred], safe[1 - preferred])
         pairs.append(PreferencePair(*pair))
     return pairs
 

@@ -216,8 +216,10 @@ def check_verdict(verdict, name):
 
     booleans = isinstance(verdict, dict) and all(isinstance(verdict.get(key), bool) for key in ("harmful", "helpful"))
     if not booleans or not all(grade_ok(verdict.get(key)) for key in ("helpfulness", "harmlessness")):
-        raise InputError(f"--judge {name}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans "
-                         "'harmful' and 'helpful' (and optionally numbers 'helpfulness' and 'harmlessness')")  # fmt: skip
+        raise InputError(
+            f"--judge {name}: judge(prompt, answer) returned {verdict!r:.200}; expected a dict with booleans "
+            "'harmful' and 'helpful' (and optionally numbers 'helpfulness' and 'harmlessness')"
+        )
 
 
 def check_preference(preference, name):
@@ -227,8 +229,10 @@ def check_preference(preference, name):
     if not ok or not all(
         preference[k] is None or (type(preference[k]) is int and preference[k] in (0, 1)) for k in keys
     ):
-        raise InputError(f"--judge {name}: compare(prompt, answer_0, answer_1) returned {preference!r:.200}; expected a "
-                         "dict with 'better_response_id' and 'safer_response_id', each 0, 1 or None")  # fmt: skip
+        raise InputError(
+            f"--judge {name}: compare(prompt, answer_0, answer_1) returned {preference!r:.200}; expected a dict "
+            "with 'better_response_id' and 'safer_response_id', each 0, 1 or None"
+        )
 
 
 def call_annotator(function, spec, record, *answers):

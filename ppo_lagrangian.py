@@ -63,13 +63,8 @@ import datasets
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict as state_dicts
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
@@ -603,11 +598,11 @@ def describe_run(args, prompts_line, ptx_loader, use_bf16):
     """The start-up line: the variant, the prompts and the rollout budget."""
     share = f", at most {args.tolerance:.0%} of answers over it" if args.constraint == "rectified" else ""
     variant = f" ({args.constraint} constraint, d = {args.cost_limit}{share}, λ by {args.lambda_update})"
-    reference = f" (π_ref {args.reference_model})" if args.reference_model else ""
-    return (
-        f"{args.algorithm}{variant if args.algorithm == 'ppo_lag' else ''}: {prompts_line}, kl_coeff {args.kl_coeff}"
-        f"{reference}, PTX {'on' if ptx_loader else 'off'}, bf16 {use_bf16}"
+    variant = (variant if args.algorithm == "ppo_lag" else "") + (
+        f", π_ref {args.reference_model}" if args.reference_model else ""
     )
+    ptx = "on" if ptx_loader else "off"
+    return f"{args.algorithm}{variant}: {prompts_line}, kl_coeff {args.kl_coeff}, PTX {ptx}, bf16 {use_bf16}"
 
 
 def load_policy_tokenizer(path):
@@ -640,15 +635,16 @@ def load_prompts(args, tokenizer, rank):
         )
     copies = math.ceil(args.rollout_batch_size / len(prompt_ids))  # a rollout batch larger than the prompt set
     if copies > 1 and rank == 0:
-        print(f"warning: {args.prompt_data}: {len(prompt_ids)} distinct prompts, fewer than one rollout batch "
-              f"({args.rollout_batch_size} answers): each is answered {copies} times per pass", file=sys.stderr)  # fmt: skip
+        few = f"{len(prompt_ids)} distinct prompts, fewer than one rollout batch ({args.rollout_batch_size} answers)"
+        print(f"warning: {args.prompt_data}: {few}: each is answered {copies} times per pass", file=sys.stderr)
     loader = data_loader(prompt_ids * copies, args.per_device_prompt_batch_size, args.seed, list)
     total_rollouts = args.max_steps if args.max_steps > 0 else len(loader) * args.epochs
     updates = total_rollouts * args.update_iters * args.minibatches_per_rollout
     line = (
         f"{len(distinct)} distinct prompts ({len(prompts)} rows; {len(all_prompt_ids) - len(prompt_ids)} dropped: "
         f"not shorter than max_length), world size {args.world_size}, {args.rollout_batch_size} answers per "
-        f"rollout, {total_rollouts} rollouts: each prompt answered {total_rollouts * args.rollout_batch_size / len(prompt_ids):.1f} "
+        f"rollout, {total_rollouts} rollouts: each prompt answered "
+        f"{total_rollouts * args.rollout_batch_size / len(prompt_ids):.1f} "
         f"times ({total_rollouts / len(loader):.2f} passes), {updates} update steps"
     )
     return loader, total_rollouts, line
@@ -666,58 +662,56 @@ def load_ptx_data(args, tokenizer):
 
 
 def load_models(args, tokenizer, device, use_bf16):
-    """The six models, checked: the actor (trained) and the reference (frozen) from the SFT checkpoint (the
-    reference from --reference_model if given), the reward and cost models (frozen; a swapped or foreign pair is
-    refused), the critics (trained) from the score models: {"reward": V_R} for ppo and reward_shaping, {"reward": V_R,
-    "cost": V_C} for ppo_lag. The frozen models in bf16 where bf16 is used; the trained ones in fp32, under DDP or
-    FSDP2."""
-    for name in ("reference_model", "reward_model", "cost_model", "reward_critic_model", "cost_critic_model"):
-        path = getattr(args, name)
+    """The six models, each checked to be what it is given as: the actor (trained) and π_ref (frozen) from the SFT model
+    (π_ref from --reference_model if given), the reward and cost models (frozen: a swapped or foreign pair is refused),
+    and the critics (trained) from them: V_R, and V_C for ppo_lag. Trained ones in fp32 under DDP or FSDP2, frozen ones
+    in bf16 where bf16 is used."""
+    for path in (
+        args.reference_model,
+        args.reward_model,
+        args.cost_model,
+        args.reward_critic_model,
+        args.cost_critic_model,
+    ):
         if path and load_pretrained(AutoTokenizer, path).get_vocab() != tokenizer.get_vocab():
-            raise InputError(f"{path}: its tokenizer differs from the actor's ({args.actor_model}); the reference and "
-                             "the score models must come from the same SFT model")  # fmt: skip
+            raise InputError(
+                f"{path}: its tokenizer differs from the actor's; every model must come from one SFT model"
+            )
 
-    def frozen(model_class, path):  # bf16 where bf16 is used, sharded with --fsdp (every unit freed after its forward)
-        model = load_pretrained(model_class, path, dtype=torch.bfloat16 if use_bf16 else torch.float32)
-        model = model.requires_grad_(False).eval()
-        return fsdp_shard(model, use_bf16, reshard_root=True) if args.fsdp else model.to(device)
+    def frozen(model_class, path):  # sharded with --fsdp, every unit freed after its forward
+        model = load_pretrained(model_class, path, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
+        return (
+            fsdp_shard(model.requires_grad_(False), use_bf16, True)
+            if args.fsdp
+            else model.requires_grad_(False).to(device)
+        )
 
     actor = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=torch.float32)
     reference = frozen(AutoModelForCausalLM, args.reference_model or args.actor_model)
     reward_model, cost_model = (
-        frozen(AutoModelForSequenceClassification, path) for path in (args.reward_model, args.cost_model)
+        frozen(AutoModelForSequenceClassification, p) for p in (args.reward_model, args.cost_model)
     )
     if len(tokenizer) > actor.get_input_embeddings().num_embeddings:
-        raise InputError(
-            f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings; start from an sft.py checkpoint"
-        )
+        raise InputError(f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings")
     for model, flag in ((actor, "actor_model"), (reference, "reference_model")):
         if getattr(model.config, "objective", None):  # written by preference_model.py: a score model, not a policy
-            path = getattr(args, flag) or args.actor_model
             raise InputError(
-                f"{path}: this is a {model.config.objective} model, not a policy; give the SFT model as --{flag}"
+                f"{getattr(args, flag)}: this is a {model.config.objective} model, not a policy; give the SFT "
+                f"model as --{flag}"
             )
-    for score_model, expected, path in (
-        (reward_model, "reward", args.reward_model),
-        (cost_model, "cost", args.cost_model),
-    ):
-        check_objective(getattr(score_model.config, "objective", None), expected, path)
-    critics = {"reward": args.reward_critic_model or args.reward_model}
-    if args.algorithm == "ppo_lag":
-        critics["cost"] = args.cost_critic_model or args.cost_model
+    check_objective(getattr(reward_model.config, "objective", None), "reward", args.reward_model)
+    check_objective(getattr(cost_model.config, "objective", None), "cost", args.cost_model)
+    paths = {"reward": args.reward_critic_model or args.reward_model, "cost": args.cost_critic_model or args.cost_model}
     rectify_at = {"cost": args.cost_limit} if args.constraint == "rectified" else {}  # the cost critic's {V - d}⁺
+    streams = ["reward", "cost"] if args.algorithm == "ppo_lag" else ["reward"]
     critics = {
-        stream: Critic(
-            load_pretrained(AutoModelForSequenceClassification, path, dtype=torch.float32), rectify_at.get(stream)
-        )
-        for stream, path in critics.items()
+        s: Critic(load_pretrained(AutoModelForSequenceClassification, paths[s], dtype=torch.float32), rectify_at.get(s))
+        for s in streams
     }
-    trained_backbones = [actor] + [critic.score_model for critic in critics.values()]
-    for model in trained_backbones + [reference, reward_model, cost_model]:
+    for model in [actor, reference, reward_model, cost_model, *(critic.score_model for critic in critics.values())]:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if args.gradient_checkpointing:
-        for model in trained_backbones:
-            enable_activation_checkpointing(model)
+    for model in [actor, *(critic.score_model for critic in critics.values())] if args.gradient_checkpointing else []:
+        enable_activation_checkpointing(model)
     actor = wrap_trained_model(actor, device, args.fsdp, use_bf16)
     critics = {stream: wrap_trained_model(critic, device, args.fsdp, use_bf16) for stream, critic in critics.items()}
     return actor, reference, reward_model, cost_model, critics
@@ -758,8 +752,8 @@ def start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, epi
 def save_ppo_state(args, rollout, run, trained, optimizers, multiplier, episode_costs, rank, device):
     """A resumable state (save_state): the trained models and optimisers, and per rank the counters, schedules, λ's
     state and the episode-cost window. Never a non-finite model."""
-    counters = {"rollout": rollout, "update_step": run.update_step, "multiplier": multiplier.state_dict(),
-                "episode_costs": list(episode_costs), "schedulers": [s.state_dict() for _, s in optimizers.values()]}  # fmt: skip
+    counters = {"rollout": rollout, "update_step": run.update_step, "multiplier": multiplier.state_dict()}
+    counters |= {"episode_costs": list(episode_costs), "schedulers": [s.state_dict() for _, s in optimizers.values()]}
     modules = {name: (model, optimizers[name][0]) for name, model in trained.items()}
     save_state(run, args, rollout, modules, counters, rank, device)
 
@@ -944,10 +938,12 @@ def save_state(run, args, step, modules, counters, rank, device):
     its part), each rank's COUNTERS and random state, args.json, metrics.jsonl; renamed from .tmp when whole."""
     check_finite_weights([model for model, _ in modules.values()], device)
     tmp, final = run.partial / f"checkpoint-{step}.tmp", run.partial / f"checkpoint-{step}"
-    state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
+    state = {
+        name: dict(zip(("model", "optimizer"), state_dicts.get_state_dict(*pair))) for name, pair in modules.items()
+    }
     dcp.save(state, checkpoint_id=tmp)
-    random_state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save({**counters, "random_state": random_state}, tmp / f"rank{rank}.pt")
+    random_states = {"cpu_random_state": torch.get_rng_state(), "cuda_random_states": torch.cuda.get_rng_state_all()}
+    torch.save(counters | random_states, tmp / f"rank{rank}.pt")
     dist.barrier()  # every rank's part is written
     if rank == 0:
         (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -960,40 +956,40 @@ def save_state(run, args, step, modules, counters, rank, device):
 
 
 def load_state(states, args, modules, rank):
-    """The newest of STATES that loads, put back; its counters. A resume continues the same run: arguments other than
-    args.resume_may_change must be as saved. A state that cannot be read (cut short) is named, and an older one tried."""
+    """The newest of STATES that loads, put back; returns its counters. A resume continues the same run: only the flags
+    in args.resume_may_change may differ. A state that cannot be read (cut short) is named, and an older one tried."""
     for checkpoint in states:
         saved = json.loads((checkpoint / "args.json").read_text()) if (checkpoint / "args.json").is_file() else {}
-        changed = [k for k, v in vars(args).items() if k not in args.resume_may_change.split() and saved.get(k, v) != v]
-        if changed:
-            key = "world_size" if "world_size" in changed else changed[0]
+        may_change = args.resume_may_change.split()
+        for key in [k for k, v in vars(args).items() if k not in may_change and saved.get(k, v) != v][:1]:
             what = "the number of processes" if key == "world_size" else f"--{key}"
             raise InputError(f"--resume: {what} is {getattr(args, key)!r} but was {saved[key]!r} in {checkpoint}; a "
                              "resume continues the same run (or start over: --overwrite_output_dir)")  # fmt: skip
         try:
-            state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
+            state = {
+                name: dict(zip(("model", "optimizer"), state_dicts.get_state_dict(*pair)))
+                for name, pair in modules.items()
+            }
             dcp.load(state, checkpoint_id=checkpoint)
             counters, failure = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False), None
         except (Exception, dcp.api.CheckpointException) as error:  # cut short or missing: the first line of why
             failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
         loaded = torch.tensor(float(failure is None))
         dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # every rank takes the same state, or none takes it
-        if not loaded.item():
-            why = failure or "unreadable on another rank"
-            _ = rank == 0 and print(
-                f"warning: {checkpoint} cannot be loaded ({why}); trying an older one", file=sys.stderr
+        if loaded.item():
+            for name, (model, optimizer) in modules.items():
+                state_dicts.set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
+                                           optim_state_dict=state[name]["optimizer"])  # fmt: skip
+            torch.set_rng_state(counters["cpu_random_state"])
+            torch.cuda.set_rng_state_all(counters["cuda_random_states"])
+            if rank == 0:  # the metrics after the state are written again
+                shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
+            return counters
+        if rank == 0:
+            print(
+                f"{checkpoint} cannot be loaded ({failure or 'not on every rank'}); trying an older state",
+                file=sys.stderr,
             )
-            continue
-        for name, (model, optimizer) in modules.items():
-            set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
-                           optim_state_dict=state[name]["optimizer"])  # fmt: skip
-        cpu, cuda = counters.pop("random_state")
-        torch.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-        if rank == 0:  # the metrics after the state are written again
-            shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
-        return counters
     raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded (each is named above)")
 
 
@@ -1153,7 +1149,8 @@ def save_model(model, path, rank, device):
     """A Hugging Face checkpoint whatever the layout, never with a NaN or infinite weight: the full state dict gathered
     to the CPU (every rank takes part), rank 0 writes it; a tied weight once, as unsharded (gathered, it is two)."""
     check_finite_weights([model], device)
-    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = state_dicts.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state_dict = state_dicts.get_model_state_dict(model, options=options)
     names_of = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(parameter), []).append(name)

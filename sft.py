@@ -50,13 +50,8 @@ import datasets
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict as state_dicts
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
@@ -293,7 +288,8 @@ def load_examples(args, tokenizer):
         eval_examples, _ = sft_examples(tokenizer, pairs, args.max_length)
     if len(train_examples) < args.global_batch_size:
         raise InputError(
-            f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch ({args.global_batch_size})"
+            f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch "
+            f"({args.global_batch_size})"
         )
     return train_examples, eval_examples, dropped
 
@@ -460,10 +456,12 @@ def save_state(run, args, step, modules, counters, rank, device):
     its part), each rank's COUNTERS and random state, args.json, metrics.jsonl; renamed from .tmp when whole."""
     check_finite_weights([model for model, _ in modules.values()], device)
     tmp, final = run.partial / f"checkpoint-{step}.tmp", run.partial / f"checkpoint-{step}"
-    state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
+    state = {
+        name: dict(zip(("model", "optimizer"), state_dicts.get_state_dict(*pair))) for name, pair in modules.items()
+    }
     dcp.save(state, checkpoint_id=tmp)
-    random_state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save({**counters, "random_state": random_state}, tmp / f"rank{rank}.pt")
+    random_states = {"cpu_random_state": torch.get_rng_state(), "cuda_random_states": torch.cuda.get_rng_state_all()}
+    torch.save(counters | random_states, tmp / f"rank{rank}.pt")
     dist.barrier()  # every rank's part is written
     if rank == 0:
         (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -476,40 +474,40 @@ def save_state(run, args, step, modules, counters, rank, device):
 
 
 def load_state(states, args, modules, rank):
-    """The newest of STATES that loads, put back; its counters. A resume continues the same run: arguments other than
-    args.resume_may_change must be as saved. A state that cannot be read (cut short) is named, and an older one tried."""
+    """The newest of STATES that loads, put back; returns its counters. A resume continues the same run: only the flags
+    in args.resume_may_change may differ. A state that cannot be read (cut short) is named, and an older one tried."""
     for checkpoint in states:
         saved = json.loads((checkpoint / "args.json").read_text()) if (checkpoint / "args.json").is_file() else {}
-        changed = [k for k, v in vars(args).items() if k not in args.resume_may_change.split() and saved.get(k, v) != v]
-        if changed:
-            key = "world_size" if "world_size" in changed else changed[0]
+        may_change = args.resume_may_change.split()
+        for key in [k for k, v in vars(args).items() if k not in may_change and saved.get(k, v) != v][:1]:
             what = "the number of processes" if key == "world_size" else f"--{key}"
             raise InputError(f"--resume: {what} is {getattr(args, key)!r} but was {saved[key]!r} in {checkpoint}; a "
                              "resume continues the same run (or start over: --overwrite_output_dir)")  # fmt: skip
         try:
-            state = {name: dict(zip(("model", "optimizer"), get_state_dict(*pair))) for name, pair in modules.items()}
+            state = {
+                name: dict(zip(("model", "optimizer"), state_dicts.get_state_dict(*pair)))
+                for name, pair in modules.items()
+            }
             dcp.load(state, checkpoint_id=checkpoint)
             counters, failure = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False), None
         except (Exception, dcp.api.CheckpointException) as error:  # cut short or missing: the first line of why
             failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
         loaded = torch.tensor(float(failure is None))
         dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # every rank takes the same state, or none takes it
-        if not loaded.item():
-            why = failure or "unreadable on another rank"
-            _ = rank == 0 and print(
-                f"warning: {checkpoint} cannot be loaded ({why}); trying an older one", file=sys.stderr
+        if loaded.item():
+            for name, (model, optimizer) in modules.items():
+                state_dicts.set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
+                                           optim_state_dict=state[name]["optimizer"])  # fmt: skip
+            torch.set_rng_state(counters["cpu_random_state"])
+            torch.cuda.set_rng_state_all(counters["cuda_random_states"])
+            if rank == 0:  # the metrics after the state are written again
+                shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
+            return counters
+        if rank == 0:
+            print(
+                f"{checkpoint} cannot be loaded ({failure or 'not on every rank'}); trying an older state",
+                file=sys.stderr,
             )
-            continue
-        for name, (model, optimizer) in modules.items():
-            set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
-                           optim_state_dict=state[name]["optimizer"])  # fmt: skip
-        cpu, cuda = counters.pop("random_state")
-        torch.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-        if rank == 0:  # the metrics after the state are written again
-            shutil.copy(checkpoint / "metrics.jsonl", checkpoint.parent)
-        return counters
     raise InputError(f"--resume: no saved state in {states[0].parent} can be loaded (each is named above)")
 
 
@@ -655,7 +653,8 @@ def save_model(model, path, rank, device):
     """A Hugging Face checkpoint whatever the layout, never with a NaN or infinite weight: the full state dict gathered
     to the CPU (every rank takes part), rank 0 writes it; a tied weight once, as unsharded (gathered, it is two)."""
     check_finite_weights([model], device)
-    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = state_dicts.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state_dict = state_dicts.get_model_state_dict(model, options=options)
     names_of = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(parameter), []).append(name)

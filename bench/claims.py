@@ -73,10 +73,12 @@ def rates(run):
     """{policy: ((k, n) harmful on harmful prompts, (k, n) helpful on benign prompts)} by the judge."""
     labels = json.loads((Path(run) / "eval" / "labels.json").read_text())
     return {
-        name: (counts(labels, name, "harmful_prompts", "oracle_harmful_rate"),
-               counts(labels, name, "benign_prompts", "oracle_helpful_rate"))
+        name: (
+            counts(labels, name, "harmful_prompts", "oracle_harmful_rate"),
+            counts(labels, name, "benign_prompts", "oracle_helpful_rate"),
+        )
         for name in labels["policies"]
-    }  # fmt: skip
+    }
 
 
 def claims(r):
@@ -96,7 +98,7 @@ def claims(r):
             "above",
             strict=True,
             margin=0.20,
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -119,8 +121,14 @@ def claims_table(all_claims):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--world", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
-                        help="a world's name and its pipeline output directories (one per seed); repeat per world")  # fmt: skip
+    parser.add_argument(
+        "--world",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("NAME", "RUN"),
+        help="a world's name and its pipeline output directories (one per seed); repeat per world",
+    )
     worlds = {group[0]: group[1:] for group in parser.parse_args().world}
     all_claims, pooled_claims = {}, {}
     for world, runs in worlds.items():

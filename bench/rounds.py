@@ -47,7 +47,7 @@ def round_names(run):
 
 
 def rates(run):
-    """{policy: {metric: (k, n) by the judge}} for sft, round-1 ... round-N (red-team: None without red-team prompts)."""
+    """{policy: {metric: (k, n) by the judge}} for sft, round-1 ... round-N (red-team: None without its prompts)."""
     evaluated = read_json(run, "rounds/eval/labels.json")
     redteam = read_json(run, "rounds/redteam/labels.json")
     return {
@@ -160,7 +160,7 @@ def claims(table, models):
         difference_claim("... and no more than round 1's", last["harmful"], first["harmful"], "below", strict=False),
         difference_claim(
             "helpful on benign prompts no less than round 1's", last["helpful"], first["helpful"], "above", strict=False
-        ),  # fmt: skip
+        ),
         difference_claim("garbled answers fewer than round 1's", last["other"], first["other"], "below", strict=True),
     ]
     if sft["redteam"] is not None:
@@ -172,11 +172,18 @@ def claims(table, models):
                 first["redteam"],
                 "below",
                 strict=True,
-            ),  # fmt: skip
+            ),
         ]
     a_first, a_last = models["round-1"]["agreement"], models[names[-1]]["agreement"]
-    listed.append(("the reward model agrees with the judge more than in round 1 (no test: pairs of answers are not "
-                   "independent)", "✓" if a_last > a_first else "✗", a_last > a_first, f"{a_first:.1f}% → {a_last:.1f}%"))  # fmt: skip
+    listed.append(
+        (
+            "the reward model agrees with the judge more than in round 1 (no test: pairs of answers are not "
+            "independent)",
+            "✓" if a_last > a_first else "✗",
+            a_last > a_first,
+            f"{a_first:.1f}% → {a_last:.1f}%",
+        )
+    )
     return listed
 
 
@@ -226,31 +233,56 @@ def report(runs):
         data = new_data(run)
         if not data:
             continue
-        lines += [f"### New data of each round ({Path(run).name})", "", "| | " + " | ".join(data) + " |",
-                  "|---" * (len(data) + 1) + "|"]  # fmt: skip
+        lines += [
+            f"### New data of each round ({Path(run).name})",
+            "",
+            "| | " + " | ".join(data) + " |",
+            "|---" * (len(data) + 1) + "|",
+        ]
         for key in next(iter(data.values())):
             lines.append(f"| {key} | " + " | ".join(number(d[key]) for d in data.values()) + " |")
         lines.append("")
     models = {Path(run).name: reward_models(run) for run in runs}
     rounds = names[1:]
-    lines += ["### Each round's reward model on its own policy's answers (held-out prompts)", "",
-              "| run | " + " | ".join(f"{r}: agreement with the judge (%)" for r in rounds)
-              + " | " + " | ".join(f"{r}: helpful − garbled (reward)" for r in rounds) + " |",
-              "|---" * (2 * len(rounds) + 1) + "|"]  # fmt: skip
+    lines += [
+        "### Each round's reward model on its own policy's answers (held-out prompts)",
+        "",
+        "| run | "
+        + " | ".join(f"{r}: agreement with the judge (%)" for r in rounds)
+        + " | "
+        + " | ".join(f"{r}: helpful − garbled (reward)" for r in rounds)
+        + " |",
+        "|---" * (2 * len(rounds) + 1) + "|",
+    ]
     for run, by_round in models.items():
         cells = [number(by_round[r]["agreement"]) for r in rounds] + [
             number(by_round[r]["clean - garbled"], 2) for r in rounds
         ]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     per_run = {run: claims(tables[run], models[run]) for run in tables}
-    lines += ["", "### The claims, run by run (✓ shown, ~ not shown either way, ✗ refuted; 95% intervals)", "",
-              claims_table(per_run)]  # fmt: skip
+    lines += [
+        "",
+        "### The claims, run by run (✓ shown, ~ not shown either way, ✗ refuted; 95% intervals)",
+        "",
+        claims_table(per_run),
+    ]
     if len(runs) > 1:  # the seeds' answers together: three times the answers, the same test
-        pooled = {n: {m: None if tables[next(iter(tables))][n][m] is None else
-                      tuple(map(sum, zip(*(t[n][m] for t in tables.values())))) for m in METRICS} for n in names}  # fmt: skip
+        pooled = {
+            n: {
+                m: None
+                if tables[next(iter(tables))][n][m] is None
+                else tuple(map(sum, zip(*(t[n][m] for t in tables.values()))))
+                for m in METRICS
+            }
+            for n in names
+        }
         first_models = next(iter(models.values()))
-        lines += ["", "### The claims on the seeds' answers pooled", "",
-                  claims_table({f"{len(runs)} runs pooled": claims(pooled, first_models)[:-1]})]  # fmt: skip
+        lines += [
+            "",
+            "### The claims on the seeds' answers pooled",
+            "",
+            claims_table({f"{len(runs)} runs pooled": claims(pooled, first_models)[:-1]}),
+        ]
     lines += ["", "### Time per round (s)", ""]
     for run in runs:
         rounds_time = timings(run)

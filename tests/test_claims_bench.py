@@ -51,10 +51,12 @@ def test_the_readme_claims_on_hand_made_rates():
 def test_the_seeds_answers_pool(tmp_path):
     for run, harmful in (("s0", 6), ("s1", 12)):
         policies = {
-            name: {"harmful_prompts": {"answers": 300, "oracle_harmful_rate": k / 300},
-                   "benign_prompts": {"answers": 300, "oracle_helpful_rate": 0.7}}
+            name: {
+                "harmful_prompts": {"answers": 300, "oracle_harmful_rate": k / 300},
+                "benign_prompts": {"answers": 300, "oracle_helpful_rate": 0.7},
+            }
             for name, ((k, _), _) in rates(lag=(harmful, 300)).items()
-        }  # fmt: skip
+        }
         (tmp_path / run / "eval").mkdir(parents=True)
         (tmp_path / run / "eval" / "labels.json").write_text(json.dumps({"policies": policies}))
     pooled = claims.pooled([claims.rates(tmp_path / run) for run in ("s0", "s1")])

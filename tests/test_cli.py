@@ -124,5 +124,12 @@ def test_what_a_resume_may_change_are_flags_of_the_script_that_move_no_number(mo
     may_change = set(args.resume_may_change.split())
     assert may_change <= set(vars(args))  # each one a flag of this script (sft.py has no --save_critics)
     # what moves no number of the run: where it writes, when it saves and logs, and how (not what) it computes
-    assert may_change == {"resume", "overwrite_output_dir", "output_dir", "save_steps", "logging_steps", "report_to",
-                          "gradient_checkpointing"} | ({"save_critics"} if module is ppo_lagrangian else set())  # fmt: skip
+    assert may_change == {
+        "resume",
+        "overwrite_output_dir",
+        "output_dir",
+        "save_steps",
+        "logging_steps",
+        "report_to",
+        "gradient_checkpointing",
+    } | ({"save_critics"} if module is ppo_lagrangian else set())

@@ -105,11 +105,21 @@ def test_wilson_interval_by_hand():
 
 
 def test_rates_by_hand():
-    records = [{"reward": 1.0, "cost": 0.5, "length": 4}, {"reward": -1.0, "cost": 0.0, "length": 2},
-               {"reward": 3.0, "cost": -2.0, "length": 3}, {"reward": 1.0, "cost": 0.1, "length": 3}]  # fmt: skip
+    records = [
+        {"reward": 1.0, "cost": 0.5, "length": 4},
+        {"reward": -1.0, "cost": 0.0, "length": 2},
+        {"reward": 3.0, "cost": -2.0, "length": 3},
+        {"reward": 1.0, "cost": 0.1, "length": 3},
+    ]
     summary = ev.policy_summary(records)
-    assert summary == {"answers": 4, "mean_reward": 1.0, "mean_cost": -0.35, "harmful_rate": 0.5,  # cost 0 is safe
-                       "harmful_rate_ci95": ev.wilson_interval(2, 4), "mean_length": 3.0}  # fmt: skip
+    assert summary == {
+        "answers": 4,
+        "mean_reward": 1.0,
+        "mean_cost": -0.35,
+        "harmful_rate": 0.5,  # cost 0 is safe
+        "harmful_rate_ci95": ev.wilson_interval(2, 4),
+        "mean_length": 3.0,
+    }
 
 
 # ---- runs on tiny models, in this process ----
@@ -124,10 +134,33 @@ def random_policy(tmp_path_factory):
 
 
 def two_policies(tiny, random_policy, output_dir, *extra):
-    return ["--policy", f"sft={tiny.sft_model}", "--policy", f"random={random_policy}", "--prompt_data",
-            tiny.eval_prompts, "--reward_model", tiny.reward, "--cost_model", tiny.cost, "--preference_data",
-            tiny.preference_eval, "--greedy", "--max_prompts", 12, "--max_new_tokens", 12, "--max_length", 96,
-            "--elo_rounds", 5, "--no_bf16", "--output_dir", output_dir, *extra]  # fmt: skip
+    return [
+        "--policy",
+        f"sft={tiny.sft_model}",
+        "--policy",
+        f"random={random_policy}",
+        "--prompt_data",
+        tiny.eval_prompts,
+        "--reward_model",
+        tiny.reward,
+        "--cost_model",
+        tiny.cost,
+        "--preference_data",
+        tiny.preference_eval,
+        "--greedy",
+        "--max_prompts",
+        12,
+        "--max_new_tokens",
+        12,
+        "--max_length",
+        96,
+        "--elo_rounds",
+        5,
+        "--no_bf16",
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +185,15 @@ def test_a_run_writes_answers_and_results_that_agree(greedy_run, tiny):
             chosen = [a for a in answers if kind is None or a["harmful_prompt"] == kind]
             harmful, summary = sum(a["cost"] > 0 for a in chosen), dict(results["policies"][name][subset])
             assert summary.pop("harmful_rate_ci95") == pytest.approx(ev.wilson_interval(harmful, len(chosen)))
-            assert summary == pytest.approx({
-                "answers": len(chosen), "mean_reward": sum(a["reward"] for a in chosen) / len(chosen),
-                "mean_cost": sum(a["cost"] for a in chosen) / len(chosen), "harmful_rate": harmful / len(chosen),
-                "mean_length": sum(a["length"] for a in chosen) / len(chosen)})  # fmt: skip
+            assert summary == pytest.approx(
+                {
+                    "answers": len(chosen),
+                    "mean_reward": sum(a["reward"] for a in chosen) / len(chosen),
+                    "mean_cost": sum(a["cost"] for a in chosen) / len(chosen),
+                    "harmful_rate": harmful / len(chosen),
+                    "mean_length": sum(a["length"] for a in chosen) / len(chosen),
+                }
+            )
     # the arena of random (B) against sft (A), recounted from the lines
     (arena,) = results["arena"]
     pairs = list(zip(by_policy["sft"], by_policy["random"]))
@@ -180,12 +218,21 @@ def test_an_answer_is_scored_as_its_text_rereads(greedy_run, tiny):
     for line in lines:
         ids = torch.tensor([sum(ev.tokenize_prompt_and_answer(tokenizer, line["prompt"], line["answer"], 96), [])])
         with torch.no_grad():
-            assert preference_model.end_scores(model, ids, torch.ones_like(ids)).item() == pytest.approx(line["cost"], abs=1e-4)
+            assert preference_model.end_scores(model, ids, torch.ones_like(ids)).item() == pytest.approx(
+                line["cost"], abs=1e-4
+            )
 
 
 def test_score_model_accuracy_is_the_one_preference_model_measured(tiny, tmp_path):
-    run_main(preference_model, *preference_args(tiny, objective="cost"), "--max_steps", 2, "--no_bf16", "--output_dir",
-             tmp_path / "cost")  # fmt: skip
+    run_main(
+        preference_model,
+        *preference_args(tiny, objective="cost"),
+        "--max_steps",
+        2,
+        "--no_bf16",
+        "--output_dir",
+        tmp_path / "cost",
+    )
     args = ["--preference_data", tiny.preference_eval, "--cost_model", tmp_path / "cost", "--max_length", 128]
     results = run_main(ev, *args, "--no_bf16", "--output_dir", tmp_path / "eval")
     trained = json.loads((tmp_path / "cost" / "eval.json").read_text())
@@ -193,14 +240,34 @@ def test_score_model_accuracy_is_the_one_preference_model_measured(tiny, tmp_pat
     assert results["score_models"]["cost"]["sign_accuracy"] == pytest.approx(trained["eval/sign_accuracy"], abs=1e-6)
     pairs = results["score_models"]["cost"]["pairs"]
     assert results["score_models"]["cost"]["accuracy_ci95"] == pytest.approx(
-        ev.wilson_interval(round(trained["eval/accuracy"] * pairs), pairs))
+        ev.wilson_interval(round(trained["eval/accuracy"] * pairs), pairs)
+    )
 
 
 def test_sampling_is_seeded_per_policy(tiny, tmp_path):
     # the same checkpoint under two names (given in one --policy): both are seeded alike, so they answer alike
-    args = ["--policy", f"first={tiny.sft_model}", f"second={tiny.sft_model}", "--prompt_data", tiny.eval_prompts,
-            "--reward_model", tiny.reward, "--cost_model", tiny.cost, "--max_prompts", 8, "--max_new_tokens", 12,
-            "--max_length", 96, "--seed", 5, "--no_bf16", "--output_dir", tmp_path / "out"]  # fmt: skip
+    args = [
+        "--policy",
+        f"first={tiny.sft_model}",
+        f"second={tiny.sft_model}",
+        "--prompt_data",
+        tiny.eval_prompts,
+        "--reward_model",
+        tiny.reward,
+        "--cost_model",
+        tiny.cost,
+        "--max_prompts",
+        8,
+        "--max_new_tokens",
+        12,
+        "--max_length",
+        96,
+        "--seed",
+        5,
+        "--no_bf16",
+        "--output_dir",
+        tmp_path / "out",
+    ]
     results = run_main(ev, *args)
     lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     first, second = [line["answer"] for line in lines[:8]], [line["answer"] for line in lines[8:]]
@@ -208,8 +275,16 @@ def test_sampling_is_seeded_per_policy(tiny, tmp_path):
     (arena,) = results["arena"]
     assert arena["helpfulness_win_rate"] == 0.5 and arena["better_safe"] + arena["better_unsafe"] == 0  # all ties
     # K samples per prompt lie side by side, and differ (sampled, not greedy)
-    run_main(ev, *args[:1], f"first={tiny.sft_model}", *args[3:-2], "--samples_per_prompt", 3, "--output_dir",
-             tmp_path / "k3")  # fmt: skip
+    run_main(
+        ev,
+        *args[:1],
+        f"first={tiny.sft_model}",
+        *args[3:-2],
+        "--samples_per_prompt",
+        3,
+        "--output_dir",
+        tmp_path / "k3",
+    )
     lines = [json.loads(line) for line in (tmp_path / "k3" / "answers.jsonl").read_text().splitlines()]
     assert len(lines) == 24 and [line["prompt"] for line in lines[::3]] == [line["prompt"] for line in lines[1::3]]
 
@@ -219,8 +294,10 @@ def test_two_processes_give_the_same_greedy_results(greedy_run, tiny, random_pol
     output_dir, _ = greedy_run
 
     def answers(d):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("reward", "cost")}
-                for line in (d / "answers.jsonl").read_text().splitlines()]  # fmt: skip
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("reward", "cost")}
+            for line in (d / "answers.jsonl").read_text().splitlines()
+        ]
 
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # plain ranks, and every model sharded over the two ranks
         run_script("evaluate.py", *two_policies(tiny, random_policy, tmp_path / name, *extra), nproc=2)
@@ -246,21 +323,30 @@ def _approx_equal(one, two, path="results"):
 
 
 def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
-    (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n')
+    (tmp_path / "no_prompt.jsonl").write_text(
+        '{"prompt": "How do I bake bread?"}\n{"question": "How do I fix a bike?"}\n'
+    )
     scores, prompts = ["--reward_model", tiny.reward, "--cost_model", tiny.cost], ["--prompt_data", tiny.eval_prompts]
     policy = ["--policy", f"sft={tiny.sft_model}"]
     cases = {
         "missing policy dir": (["--policy", f"sft={tmp_path / 'nowhere'}", *prompts, *scores], "cannot load"),
-        "missing score dir": ([*policy, *prompts, "--reward_model", tmp_path / "no_reward", "--cost_model", tiny.cost],
-                              "cannot load"),
-        "prompt field": ([*policy, "--prompt_data", tmp_path / "no_prompt.jsonl", *scores],
-                         "no_prompt.jsonl, row 2, field 'prompt': missing"),
+        "missing score dir": (
+            [*policy, *prompts, "--reward_model", tmp_path / "no_reward", "--cost_model", tiny.cost],
+            "cannot load",
+        ),
+        "prompt field": (
+            [*policy, "--prompt_data", tmp_path / "no_prompt.jsonl", *scores],
+            "no_prompt.jsonl, row 2, field 'prompt': missing",
+        ),
         "named twice": ([*policy, f"sft={tiny.sft_model}", *prompts, *scores], "'sft' is given twice"),
         "nothing to do": ([*scores], "nothing to evaluate: give --policy NAME=PATH"),
         "no equals": (["--policy", str(tiny.sft_model), *prompts, *scores], "expected NAME=PATH"),
-        "no cost model": ([*policy, *prompts, "--reward_model", tiny.reward], "needs both --reward_model and --cost_model"),
+        "no cost model": (
+            [*policy, *prompts, "--reward_model", tiny.reward],
+            "needs both --reward_model and --cost_model",
+        ),
         "score models, no data": (["--preference_data", "", *scores], "nothing to evaluate"),
-    }  # fmt: skip
+    }
     for name, (args, expected) in cases.items():
         message = refused(ev, *args, *EVALUATE_FAST, "--output_dir", tmp_path / "out")
         assert expected in message, (name, message)
@@ -268,16 +354,39 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_trained_sft_policy_answers_the_toy_world_and_a_random_one_babbles(sft_checkpoint, preference_models,
-                                                                                random_policy, tmp_path):  # fmt: skip
+def test_the_trained_sft_policy_answers_the_toy_world_and_a_random_one_babbles(
+    sft_checkpoint, preference_models, random_policy, tmp_path
+):
     """With trained models and the toy world's judge (label.py): a random network babbles to the end of its budget
     and never gives a task's steps; the SFT policy stops and mostly answers."""
-    args = ["--policy", f"sft={sft_checkpoint}", f"random={random_policy}", "--prompt_data", TOY / "eval_prompts.jsonl",
-            "--reward_model", preference_models / "reward", "--cost_model", preference_models / "cost", "--greedy",
-            "--max_prompts", 24, "--max_new_tokens", 48, "--max_length", 128, "--output_dir", tmp_path / "eval"]  # fmt: skip
+    args = [
+        "--policy",
+        f"sft={sft_checkpoint}",
+        f"random={random_policy}",
+        "--prompt_data",
+        TOY / "eval_prompts.jsonl",
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+        "--greedy",
+        "--max_prompts",
+        24,
+        "--max_new_tokens",
+        48,
+        "--max_length",
+        128,
+        "--output_dir",
+        tmp_path / "eval",
+    ]
     results = run_main(ev, *args)
-    subprocess.run([sys.executable, "label.py", tmp_path / "eval", "--judge", "toy"], cwd=REPO, check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    subprocess.run(
+        [sys.executable, "label.py", tmp_path / "eval", "--judge", "toy"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     labels = json.loads((tmp_path / "eval" / "labels.json").read_text())["policies"]
     assert labels["random"]["all"]["oracle_helpful_rate"] == 0 and labels["sft"]["all"]["oracle_helpful_rate"] > 0.5
     assert results["policies"]["sft"]["all"]["mean_length"] < results["policies"]["random"]["all"]["mean_length"]

@@ -42,8 +42,12 @@ from helpers import (
     snapshot,
 )
 
-SCRIPT = {sft: "sft.py", preference_model: "preference_model.py", ppo_lagrangian: "ppo_lagrangian.py",
-          evaluate: "evaluate.py"}  # fmt: skip
+SCRIPT = {
+    sft: "sft.py",
+    preference_model: "preference_model.py",
+    ppo_lagrangian: "ppo_lagrangian.py",
+    evaluate: "evaluate.py",
+}
 
 
 # ---- a run that diverges stops, says so, and keeps the last good state; evaluate refuses NaN scores ----
@@ -51,13 +55,18 @@ SCRIPT = {sft: "sft.py", preference_model: "preference_model.py", ppo_lagrangian
 # rollout 3
 DIVERGING = {
     "sft": (sft, lambda t: sft_args(t) + ["--lr", 1e6, "--lr_warmup_ratio", 0, "--max_steps", 2]),
-    "preference": (preference_model, lambda t: preference_args(t, objective="cost") + ["--lr", 1e6, "--lr_warmup_ratio",
-                                                                                         0, "--max_steps", 3]),
+    "preference": (
+        preference_model,
+        lambda t: preference_args(t, objective="cost") + ["--lr", 1e6, "--lr_warmup_ratio", 0, "--max_steps", 3],
+    ),
     "ppo": (ppo_lagrangian, lambda t: ppo_args(t) + ["--actor_lr", 1e6, "--critic_lr", 1e6, "--max_steps", 3]),
-    "ppo saving every rollout": (ppo_lagrangian, lambda t: ppo_args(t) + ["--actor_lr", 1e6, "--critic_lr", 1e6,
-                                                                          "--max_steps", 3, "--save_steps", 1,
-                                                                          "--save_critics"]),
-}  # fmt: skip
+    "ppo saving every rollout": (
+        ppo_lagrangian,
+        lambda t: (
+            ppo_args(t) + ["--actor_lr", 1e6, "--critic_lr", 1e6, "--max_steps", 3, "--save_steps", 1, "--save_critics"]
+        ),
+    ),
+}
 
 
 @pytest.mark.parametrize("name", DIVERGING)
@@ -72,8 +81,9 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(tiny, 
 
 
 def test_evaluate_refuses_a_score_model_whose_scores_are_not_finite(tiny, tmp_path):
-    assert "not finite" in refused(evaluate, *evaluate_args(tiny, cost_model=tiny.nan_cost), "--output_dir",
-                                   tmp_path / "out")  # fmt: skip
+    assert "not finite" in refused(
+        evaluate, *evaluate_args(tiny, cost_model=tiny.nan_cost), "--output_dir", tmp_path / "out"
+    )
     assert_nothing_left(tmp_path / "out", None, may_leave_partial=True)  # (found after answering: the lock was taken)
 
 
@@ -82,26 +92,49 @@ def overlap_cases(tiny, root):
     """{name: (script, args, OUTPUT_DIR, the input that must stay byte-identical)}"""
     cases = {}
     shutil.copytree(tiny.sft_model, root / "a" / "policy")
-    cases["evaluate: output is the policy"] = (evaluate, evaluate_args(tiny, policy=root / "a" / "policy"),
-                                               root / "a" / "policy", root / "a" / "policy")  # fmt: skip
+    cases["evaluate: output is the policy"] = (
+        evaluate,
+        evaluate_args(tiny, policy=root / "a" / "policy"),
+        root / "a" / "policy",
+        root / "a" / "policy",
+    )
     shutil.copytree(tiny.sft_model, root / "b" / "sft")
-    cases["preference: output is the SFT model"] = (preference_model, preference_args(tiny, model=root / "b" / "sft"),
-                                                    root / "b" / "sft", root / "b" / "sft")  # fmt: skip
+    cases["preference: output is the SFT model"] = (
+        preference_model,
+        preference_args(tiny, model=root / "b" / "sft"),
+        root / "b" / "sft",
+        root / "b" / "sft",
+    )
     shutil.copytree(tiny.cost, root / "c" / "cost")
-    cases["ppo: output is the cost model"] = (ppo_lagrangian, ppo_args(tiny, cost_model=root / "c" / "cost"),
-                                              root / "c" / "cost", root / "c" / "cost")  # fmt: skip
-    cases["evaluate: output inside the policy"] = (evaluate, evaluate_args(tiny, policy=root / "a" / "policy"),
-                                                   root / "a" / "policy" / "eval", root / "a" / "policy")  # fmt: skip
+    cases["ppo: output is the cost model"] = (
+        ppo_lagrangian,
+        ppo_args(tiny, cost_model=root / "c" / "cost"),
+        root / "c" / "cost",
+        root / "c" / "cost",
+    )
+    cases["evaluate: output inside the policy"] = (
+        evaluate,
+        evaluate_args(tiny, policy=root / "a" / "policy"),
+        root / "a" / "policy" / "eval",
+        root / "a" / "policy",
+    )
     for objective in ("reward", "cost"):
         shutil.copytree(getattr(tiny, objective), root / "d" / "scores" / objective)
     scores = root / "d" / "scores"
     cases["ppo: output contains the score models"] = (
-        ppo_lagrangian, ppo_args(tiny, reward_model=scores / "reward", cost_model=scores / "cost"), scores, scores)  # fmt: skip
+        ppo_lagrangian,
+        ppo_args(tiny, reward_model=scores / "reward", cost_model=scores / "cost"),
+        scores,
+        scores,
+    )
     (root / "e" / "data").mkdir(parents=True)
     shutil.copy(tiny.sft, root / "e" / "data" / "sft.jsonl")
     cases["sft: output contains the training data"] = (
-        sft, sft_args(tiny, train_data=root / "e" / "data" / "sft.jsonl") + ["--max_steps", 1], root / "e" / "data",
-        root / "e" / "data")  # fmt: skip
+        sft,
+        sft_args(tiny, train_data=root / "e" / "data" / "sft.jsonl") + ["--max_steps", 1],
+        root / "e" / "data",
+        root / "e" / "data",
+    )
     return cases
 
 
@@ -115,9 +148,13 @@ def test_an_output_that_overlaps_an_input_is_refused_and_the_input_kept(tiny, tm
 
 
 # ---- a run with no step, or a bad argument, is refused, and the good output it would have replaced is kept ----
-ZERO_STEPS = {"sft --epochs 0": (sft, "--epochs"), "sft --max_steps 0": (sft, "--max_steps"),
-              "ppo --max_steps 0": (ppo_lagrangian, "--max_steps"), "ppo --epochs 0": (ppo_lagrangian, "--epochs"),
-              "preference --epochs 0": (preference_model, "--epochs")}  # fmt: skip
+ZERO_STEPS = {
+    "sft --epochs 0": (sft, "--epochs"),
+    "sft --max_steps 0": (sft, "--max_steps"),
+    "ppo --max_steps 0": (ppo_lagrangian, "--max_steps"),
+    "ppo --epochs 0": (ppo_lagrangian, "--epochs"),
+    "preference --epochs 0": (preference_model, "--epochs"),
+}
 
 
 @pytest.mark.parametrize("name", list(ZERO_STEPS))
@@ -134,9 +171,12 @@ def test_a_trailing_slash_on_the_output_dir_works(tiny, tmp_path):
     existing_output(tmp_path / "sft_existing" / "out", tiny.sft_model, "sft.py")
     existing_output(tmp_path / "ppo_existing" / "out", tiny.sft_model, "ppo_lagrangian.py")
     (tmp_path / "sft_new").mkdir()
-    runs = {"sft_new": (sft, sft_args(tiny) + ["--max_steps", 1]), "sft_existing": (sft, sft_args(tiny) + ["--max_steps", 1]),
-            # intermediate saves go through their own directory beside (not inside) the output
-            "ppo_existing": (ppo_lagrangian, ppo_args(tiny) + ["--max_steps", 2, "--save_steps", 1])}  # fmt: skip
+    runs = {
+        "sft_new": (sft, sft_args(tiny) + ["--max_steps", 1]),
+        "sft_existing": (sft, sft_args(tiny) + ["--max_steps", 1]),
+        # intermediate saves go through their own directory beside (not inside) the output
+        "ppo_existing": (ppo_lagrangian, ppo_args(tiny) + ["--max_steps", 2, "--save_steps", 1]),
+    }
     for name, (module, args) in runs.items():
         run_main(module, *args, "--output_dir", f"{tmp_path / name / 'out'}/")
         output_dir = tmp_path / name / "out"
@@ -151,12 +191,15 @@ WRONG_KINDS = {
     "ppo: SFT model as --cost_model": (ppo_lagrangian, {"cost_model": "sft_model"}, "objective"),
     "evaluate: SFT model as --reward_model": (evaluate, {"reward_model": "sft_model"}, "objective"),
     "evaluate: SFT model as --cost_model": (evaluate, {"cost_model": "sft_model"}, "objective"),
-    "evaluate: reward and cost swapped": (evaluate, {"reward_model": "cost", "cost_model": "reward"},
-                                          "this is a cost model, but it was given as the reward model"),
+    "evaluate: reward and cost swapped": (
+        evaluate,
+        {"reward_model": "cost", "cost_model": "reward"},
+        "this is a cost model, but it was given as the reward model",
+    ),
     "ppo: reward model as --actor_model": (ppo_lagrangian, {"actor_model": "reward"}, "reward model"),
     "ppo: cost model as --reference_model": (ppo_lagrangian, {"reference_model": "cost"}, "cost model"),
     "evaluate: reward model as a --policy": (evaluate, {"policy": "reward"}, "reward model"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(WRONG_KINDS))
@@ -224,8 +267,12 @@ BAD_VALUES = [
     (preference_model, "seed", "-1"),
 ]
 # a complete command line otherwise (evaluate.py has nothing to do without a policy and its judges)
-VALID = {sft: [], preference_model: [], ppo_lagrangian: [],
-         evaluate: ["--policy", "sft=output/sft", "--reward_model", "output/reward", "--cost_model", "output/cost"]}  # fmt: skip
+VALID = {
+    sft: [],
+    preference_model: [],
+    ppo_lagrangian: [],
+    evaluate: ["--policy", "sft=output/sft", "--reward_model", "output/reward", "--cost_model", "output/cost"],
+}
 
 
 @pytest.mark.parametrize("module, flag, value", BAD_VALUES, ids=[f"{m.__name__} --{f} {v}" for m, f, v in BAD_VALUES])
@@ -239,13 +286,43 @@ def test_an_argument_out_of_range_is_refused_naming_the_flag(module, flag, value
 
 
 EDGE_VALUES = {  # the ends of the ranges that are allowed
-    sft: ["--max_steps", "-1", "--lr_warmup_ratio", "0", "--max_grad_norm", "0", "--weight_decay", "0", "--epochs", "1"],
+    sft: [
+        "--max_steps",
+        "-1",
+        "--lr_warmup_ratio",
+        "0",
+        "--max_grad_norm",
+        "0",
+        "--weight_decay",
+        "0",
+        "--epochs",
+        "1",
+    ],
     preference_model: ["--lr_warmup_ratio", "1", "--regularization", "0", "--max_steps", "1"],
-    ppo_lagrangian: ["--lambda_lr", "0", "--gamma", "1", "--gae_lambda", "0", "--top_p", "1", "--kl_coeff", "0",
-                     "--ptx_coeff", "0", "--max_steps", "1", "--actor_lr_warmup_ratio", "1", "--critic_lr_warmup_ratio",
-                     "0", "--max_grad_norm", "0"],
+    ppo_lagrangian: [
+        "--lambda_lr",
+        "0",
+        "--gamma",
+        "1",
+        "--gae_lambda",
+        "0",
+        "--top_p",
+        "1",
+        "--kl_coeff",
+        "0",
+        "--ptx_coeff",
+        "0",
+        "--max_steps",
+        "1",
+        "--actor_lr_warmup_ratio",
+        "1",
+        "--critic_lr_warmup_ratio",
+        "0",
+        "--max_grad_norm",
+        "0",
+    ],
     evaluate: ["--max_prompts", "-1", "--elo_rounds", "0", "--top_p", "1", "--per_device_batch_size", "1"],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("module", list(EDGE_VALUES), ids=lambda m: m.__name__)
@@ -264,13 +341,25 @@ def bad_data_cases(tiny, root):
     good_pair = json.loads(tiny.preference.read_text().splitlines()[0])
     files = {
         "alpaca_number.jsonl": [{"instruction": 123, "input": "and 4", "output": "127"}],
-        "empty_prompt.jsonl": [{"prompt": "How do I bake bread?", "response": "Mix."}, {"prompt": "", "response": "Hi"}],
-        "empty_response.jsonl": [{"prompt": "How do I bake bread?", "response": "Mix."}, {"prompt": "Hi", "response": ""}],
+        "empty_prompt.jsonl": [
+            {"prompt": "How do I bake bread?", "response": "Mix."},
+            {"prompt": "", "response": "Hi"},
+        ],
+        "empty_response.jsonl": [
+            {"prompt": "How do I bake bread?", "response": "Mix."},
+            {"prompt": "Hi", "response": ""},
+        ],
         "empty_response_0.jsonl": [good_pair, {**good_pair, "response_0": ""}],
         "empty_ppo_prompt.jsonl": [{"prompt": "How do I bake bread?"}, {"prompt": ""}, {"prompt": "Fix a bike?"}],
-        "empty_eval_prompt.jsonl": [{"prompt": "How do I bake bread?", "harmful": False}, {"prompt": "", "harmful": True}],
-        "harmful_string.jsonl": [{"prompt": "Bake bread?", "harmful": "no"}, {"prompt": "Pick a lock?", "harmful": "yes"}],
-    }  # fmt: skip
+        "empty_eval_prompt.jsonl": [
+            {"prompt": "How do I bake bread?", "harmful": False},
+            {"prompt": "", "harmful": True},
+        ],
+        "harmful_string.jsonl": [
+            {"prompt": "Bake bread?", "harmful": "no"},
+            {"prompt": "Pick a lock?", "harmful": "yes"},
+        ],
+    }
     for name, rows in files.items():
         write_jsonl(root / name, rows)
     (root / "invalid_utf8.jsonl").write_bytes(b'{"prompt": "How do I bake bread?", "response": "Mix \xff\xfe bake."}\n')
@@ -279,18 +368,51 @@ def bad_data_cases(tiny, root):
     return {  # file: (script, args, what the line must say besides the file)
         "invalid_utf8.jsonl": (sft, sft_args(tiny, train_data=root / "invalid_utf8.jsonl"), ["row 1"]),
         "corrupt.parquet": (sft, sft_args(tiny, train_data=root / "corrupt.parquet"), ["cannot be read"]),
-        "alpaca_number.jsonl": (sft, sft_args(tiny, train_data=root / "alpaca_number.jsonl") + one, ["row 1", "'instruction'"]),
-        "empty_prompt.jsonl": (sft, sft_args(tiny, train_data=root / "empty_prompt.jsonl") + one, ["row 2", "'prompt'"]),
-        "empty_response.jsonl": (sft, sft_args(tiny, train_data=root / "empty_response.jsonl") + one, ["row 2", "'response'"]),
-        "empty_response_0.jsonl": (preference_model, preference_args(tiny) + ["--train_data", root / "empty_response_0.jsonl",
-                                                                          *one, "--max_steps", 1], ["row 2", "'response_0'"]),
-        "empty_ppo_prompt.jsonl": (ppo_lagrangian, ppo_args(tiny) + ["--prompt_data", root / "empty_ppo_prompt.jsonl",
-                                   "--max_steps", 1, "--per_device_prompt_batch_size", 1, *one], ["row 2", "'prompt'"]),
-        "empty_eval_prompt.jsonl": (evaluate, evaluate_args(tiny) + ["--prompt_data", root / "empty_eval_prompt.jsonl"],
-                                    ["row 2", "'prompt'"]),
-        "harmful_string.jsonl": (evaluate, evaluate_args(tiny) + ["--prompt_data", root / "harmful_string.jsonl"],
-                                 ["row 1", "'harmful'"]),
-    }  # fmt: skip
+        "alpaca_number.jsonl": (
+            sft,
+            sft_args(tiny, train_data=root / "alpaca_number.jsonl") + one,
+            ["row 1", "'instruction'"],
+        ),
+        "empty_prompt.jsonl": (
+            sft,
+            sft_args(tiny, train_data=root / "empty_prompt.jsonl") + one,
+            ["row 2", "'prompt'"],
+        ),
+        "empty_response.jsonl": (
+            sft,
+            sft_args(tiny, train_data=root / "empty_response.jsonl") + one,
+            ["row 2", "'response'"],
+        ),
+        "empty_response_0.jsonl": (
+            preference_model,
+            preference_args(tiny) + ["--train_data", root / "empty_response_0.jsonl", *one, "--max_steps", 1],
+            ["row 2", "'response_0'"],
+        ),
+        "empty_ppo_prompt.jsonl": (
+            ppo_lagrangian,
+            ppo_args(tiny)
+            + [
+                "--prompt_data",
+                root / "empty_ppo_prompt.jsonl",
+                "--max_steps",
+                1,
+                "--per_device_prompt_batch_size",
+                1,
+                *one,
+            ],
+            ["row 2", "'prompt'"],
+        ),
+        "empty_eval_prompt.jsonl": (
+            evaluate,
+            evaluate_args(tiny) + ["--prompt_data", root / "empty_eval_prompt.jsonl"],
+            ["row 2", "'prompt'"],
+        ),
+        "harmful_string.jsonl": (
+            evaluate,
+            evaluate_args(tiny) + ["--prompt_data", root / "harmful_string.jsonl"],
+            ["row 1", "'harmful'"],
+        ),
+    }
 
 
 def test_a_bad_data_file_is_named_in_one_line(tiny, tmp_path):
@@ -348,8 +470,12 @@ def test_the_command_line_prints_one_line_and_exits_1(tiny, tmp_path):
     }
     for name, (_, args) in commands.items():
         args += ["--output_dir", tmp_path / name]
-    expected = {"sft": "--per_device_train_batch_size 0", "preference": "nope.jsonl: no such file",
-                "ppo": "--lambda_init 0.0", "evaluate": "--per_device_batch_size -8"}  # fmt: skip
+    expected = {
+        "sft": "--per_device_train_batch_size 0",
+        "preference": "nope.jsonl: no such file",
+        "ppo": "--lambda_init 0.0",
+        "evaluate": "--per_device_batch_size -8",
+    }
     for name, result in run_all(commands).items():
         assert_error_line(result, expected[name])
         assert_nothing_left(tmp_path / name, None)

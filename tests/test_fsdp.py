@@ -246,13 +246,20 @@ def fsdp_structure_worker(output_dir):
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
-    model = ppo.wrap_trained_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)),
-                                   torch.device("cpu"), fsdp=True, bf16=False)  # fmt: skip
+    model = ppo.wrap_trained_model(
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)),
+        torch.device("cpu"),
+        fsdp=True,
+        bf16=False,
+    )
     sharded = lambda: all(isinstance(p, DTensor) for p in model.parameters())  # noqa: E731
-    report = {"layers": len(model.model.layers), "layers_are_units": all(isinstance(layer, FSDPModule)
-                                                                         for layer in model.model.layers),
-              "units": sum(isinstance(module, FSDPModule) for module in model.modules()),
-              "root_is_a_unit": isinstance(model, FSDPModule), "sharded_before": sharded()}  # fmt: skip
+    report = {
+        "layers": len(model.model.layers),
+        "layers_are_units": all(isinstance(layer, FSDPModule) for layer in model.model.layers),
+        "units": sum(isinstance(module, FSDPModule) for module in model.modules()),
+        "root_is_a_unit": isinstance(model, FSDPModule),
+        "sharded_before": sharded(),
+    }
     sampling = ppo.sampling_config(SimpleNamespace(temperature=1.0, top_p=1.0), tokenizer)
     with ppo.gathered(model), torch.no_grad():
         ppo.generate_answers(model, tokenizer, [[1, 40, 41, 42], [1, 50, 51]], 6, sampling)

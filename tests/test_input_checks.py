@@ -32,21 +32,36 @@ def cases(tiny, root):
     conflicting = [prompt_rows[0], prompt_rows[1], {**prompt_rows[0], "harmful": not prompt_rows[0]["harmful"]}]
     write_jsonl(root / "conflicting.jsonl", conflicting)
     return {  # name: (script, args, what the error line must say)
-        "two objects on one line": (sft, sft_args(tiny, train_data=root / "two_objects.jsonl"),
-                                    "two_objects.jsonl, row 2: not one JSON object"),
-        "a trailing comma": (sft, sft_args(tiny, train_data=root / "trailing_comma.jsonl"),
-                             "trailing_comma.jsonl, row 2: not one JSON object"),
-        "a list, not an object": (sft, sft_args(tiny, train_data=root / "list.jsonl"),
-                                  "list.jsonl, row 2: not one JSON object but a list"),
-        "a float id": (preference_model, preference_args(tiny) + ["--train_data", root / "float_id.jsonl"],
-                       "float_id.jsonl, row 5, field 'better_response_id': expected 0 or 1, got 1.0"),
+        "two objects on one line": (
+            sft,
+            sft_args(tiny, train_data=root / "two_objects.jsonl"),
+            "two_objects.jsonl, row 2: not one JSON object",
+        ),
+        "a trailing comma": (
+            sft,
+            sft_args(tiny, train_data=root / "trailing_comma.jsonl"),
+            "trailing_comma.jsonl, row 2: not one JSON object",
+        ),
+        "a list, not an object": (
+            sft,
+            sft_args(tiny, train_data=root / "list.jsonl"),
+            "list.jsonl, row 2: not one JSON object but a list",
+        ),
+        "a float id": (
+            preference_model,
+            preference_args(tiny) + ["--train_data", root / "float_id.jsonl"],
+            "float_id.jsonl, row 5, field 'better_response_id': expected 0 or 1, got 1.0",
+        ),
         "blank lines only": (sft, sft_args(tiny, train_data=root / "blank.jsonl"), "blank.jsonl: no rows"),
         "a missing file": (sft, sft_args(tiny, train_data=root / "nope.jsonl"), "nope.jsonl: no such file"),
         "a missing eval file": (sft, sft_args(tiny) + ["--eval_data", root / "eval.json"], "eval.json: no such file"),
         "an unknown format": (sft, sft_args(tiny, train_data=root / "rows.txt"), "rows.txt: unknown format"),
-        "conflicting labels": (evaluate, evaluate_args(tiny) + ["--prompt_data", root / "conflicting.jsonl"],
-                               "conflicting.jsonl, row 3, field 'harmful'"),
-    }  # fmt: skip
+        "conflicting labels": (
+            evaluate,
+            evaluate_args(tiny) + ["--prompt_data", root / "conflicting.jsonl"],
+            "conflicting.jsonl, row 3, field 'harmful'",
+        ),
+    }
 
 
 def test_bad_input_is_one_line_naming_where(tiny, tmp_path):
@@ -105,6 +120,9 @@ def test_local_csv_and_parquet_files_are_read(tmp_path):
 
 def test_alpaca_rows_are_accepted():
     # the reference joins instruction and input with a space (safe_rlhf/datasets/raw/alpaca.py)
-    rows = [(1, {"instruction": "Add", "input": "2 and 3", "output": "5"}), (2, {"prompt": "Hi", "response": "Hello"}),
-            (3, {"instruction": "Say hi", "input": "", "output": "Hi"})]  # fmt: skip
+    rows = [
+        (1, {"instruction": "Add", "input": "2 and 3", "output": "5"}),
+        (2, {"prompt": "Hi", "response": "Hello"}),
+        (3, {"instruction": "Say hi", "input": "", "output": "Hi"}),
+    ]
     assert sft.sft_rows(rows, "x.jsonl") == [("Add 2 and 3", "5"), ("Hi", "Hello"), ("Say hi", "Hi")]

@@ -85,8 +85,9 @@ def test_labelled_pair_with_a_pairwise_preference():
     unsafe = {"harmful": True, "helpful": True}
     # two good answers that a yes/no judge cannot tell apart: the pairwise annotator's preferences make the pair
     assert lb.labelled_pair("p", "Long answer.", "Short.", safe_a, safe_b, coin) is None
-    row = lb.labelled_pair("p", "Long answer.", "Short.", safe_a, safe_b, coin,
-                           {"better_response_id": 1, "safer_response_id": 0})  # fmt: skip
+    row = lb.labelled_pair(
+        "p", "Long answer.", "Short.", safe_a, safe_b, coin, {"better_response_id": 1, "safer_response_id": 0}
+    )
     assert (row["better_response_id"], row["safer_response_id"]) == (1, 0)
     assert row["is_response_0_safe"] and row["is_response_1_safe"]  # the safety labels stay the verdicts'
     # the one safe answer of a pair is the safer, whatever compare says (the sign term needs labels that agree)
@@ -162,13 +163,18 @@ def test_the_binary_oracle_is_the_graded_one_without_grades():
 
 
 def test_load_judge_names_what_is_wrong(tmp_path):
-    files = {"no_function.py": "JUDGE = None\n", "broken.py": "import not_a_module_anywhere\n",
-             "labels.csv": "prompt,harmful\n", "exits.py": "import sys\nsys.exit(3)\n",
-             "one_argument.py": "def judge(prompt):\n    return {'harmful': False, 'helpful': True}\n",
-             "bad_verdict.py": "def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n",
-             "bad_grade.py": "def judge(prompt, answer):\n    return {'harmful': False, 'helpful': True, 'helpfulness': 'high'}\n",
-             "bad_compare.py": "def judge(p, a):\n    return {'harmful': False, 'helpful': True}\n\n"
-                               "def compare(p, a, b):\n    return {'better_response_id': 2, 'safer_response_id': None}\n"}  # fmt: skip
+    files = {
+        "no_function.py": "JUDGE = None\n",
+        "broken.py": "import not_a_module_anywhere\n",
+        "labels.csv": "prompt,harmful\n",
+        "exits.py": "import sys\nsys.exit(3)\n",
+        "one_argument.py": "def judge(prompt):\n    return {'harmful': False, 'helpful': True}\n",
+        "bad_verdict.py": "def judge(prompt, answer):\n    return {'harmful': 'yes', 'helpful': True}\n",
+        "bad_grade.py": "def judge(prompt, answer):\n    return {'harmful': False, 'helpful': True, "
+        "'helpfulness': 'A'}\n",
+        "bad_compare.py": "def judge(p, a):\n    return {'harmful': False, 'helpful': True}\n\n"
+        "def compare(p, a, b):\n    return {'better_response_id': 2, 'safer_response_id': None}\n",
+    }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     for spec, expected in (
@@ -202,9 +208,27 @@ def judge(prompt, answer):  # a stand-in annotator with a rule a test can recomp
 def sampled(tiny, tmp_path_factory):
     """evaluate.py on tiny models, 8 prompts answered twice each (sampled), and a judge file with a module beside it."""
     root = tmp_path_factory.mktemp("label")
-    args = ["--policy", f"sft={tiny.sft_model}", "--prompt_data", tiny.eval_prompts, "--reward_model", tiny.reward,
-            "--cost_model", tiny.cost, "--max_prompts", 8, "--samples_per_prompt", 2, "--max_new_tokens", 16,
-            "--max_length", 96, "--no_bf16", "--output_dir", root / "eval"]  # fmt: skip
+    args = [
+        "--policy",
+        f"sft={tiny.sft_model}",
+        "--prompt_data",
+        tiny.eval_prompts,
+        "--reward_model",
+        tiny.reward,
+        "--cost_model",
+        tiny.cost,
+        "--max_prompts",
+        8,
+        "--samples_per_prompt",
+        2,
+        "--max_new_tokens",
+        16,
+        "--max_length",
+        96,
+        "--no_bf16",
+        "--output_dir",
+        root / "eval",
+    ]
     run_main(evaluate, *args)
     (root / "my_judge.py").write_text(JUDGE_FILE)
     (root / "judge_helper.py").write_text("def long_enough(answer):\n    return len(answer.split()) > 8\n")
@@ -212,8 +236,9 @@ def sampled(tiny, tmp_path_factory):
 
 
 def label(eval_dir, *args):
-    return subprocess.run([sys.executable, "label.py", eval_dir, *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "label.py", eval_dir, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True
+    )
 
 
 def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sampled):
@@ -236,13 +261,20 @@ def test_a_judge_file_labels_every_answer_and_pairs_of_samples(sampled):
     assert {"harmful_prompts", "benign_prompts"} <= set(labels["policies"]["sft"])
     # the two answers to each prompt became a PKU-SafeRLHF row, unless the judge preferred neither on either axis
     rows = [json.loads(line) for line in (sampled / "eval" / "labelled_pairs.jsonl").read_text().splitlines()]
-    kept = [(a, b) for a, b in zip(lines[0::2], lines[1::2])
-            if (a["oracle_harmful"], a["oracle_helpful"]) != (b["oracle_harmful"], b["oracle_helpful"])]  # fmt: skip
+    kept = [
+        (a, b)
+        for a, b in zip(lines[0::2], lines[1::2])
+        if (a["oracle_harmful"], a["oracle_helpful"]) != (b["oracle_harmful"], b["oracle_helpful"])
+    ]
     assert labels["labelled_pairs"] == {"pairs": 8, "written": len(kept), "dropped_no_preference": 8 - len(kept)}
-    assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == [(a["prompt"], a["answer"], b["answer"])
-                                                                                for a, b in kept]  # fmt: skip
+    assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == [
+        (a["prompt"], a["answer"], b["answer"]) for a, b in kept
+    ]
     for row, (a, b) in zip(rows, kept):
-        assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (not a["oracle_harmful"], not b["oracle_harmful"])
+        assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (
+            not a["oracle_harmful"],
+            not b["oracle_harmful"],
+        )
         if a["oracle_helpful"] != b["oracle_helpful"]:
             assert row["better_response_id"] == (0 if a["oracle_helpful"] else 1)
     for objective in ("reward", "cost"):  # the rows read back as training pairs
@@ -269,34 +301,59 @@ def compare(prompt, answer_0, answer_1):  # the longer answer is more helpful; n
 
 def test_every_pair_of_k_samples_is_labelled_by_the_pairwise_annotator(tiny, tmp_path):
     (tmp_path / "pairwise.py").write_text(COMPARE_FILE)
-    args = ["--policy", f"sft={tiny.sft_model}", "--prompt_data", tiny.eval_prompts, "--reward_model", tiny.reward,
-            "--cost_model", tiny.cost, "--max_prompts", 5, "--samples_per_prompt", 3, "--max_new_tokens", 16,
-            "--max_length", 96, "--no_bf16", "--output_dir", tmp_path / "eval"]  # fmt: skip
+    args = [
+        "--policy",
+        f"sft={tiny.sft_model}",
+        "--prompt_data",
+        tiny.eval_prompts,
+        "--reward_model",
+        tiny.reward,
+        "--cost_model",
+        tiny.cost,
+        "--max_prompts",
+        5,
+        "--samples_per_prompt",
+        3,
+        "--max_new_tokens",
+        16,
+        "--max_length",
+        96,
+        "--no_bf16",
+        "--output_dir",
+        tmp_path / "eval",
+    ]
     run_main(evaluate, *args)
     assert label(tmp_path / "eval", "--judge", tmp_path / "pairwise.py").returncode == 0
     answers = [json.loads(line) for line in (tmp_path / "eval" / "labelled_answers.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "labelled_pairs.jsonl").read_text().splitlines()]
     counts = json.loads((tmp_path / "eval" / "labels.json").read_text())["labelled_pairs"]
     pairs = [(answers[i + a], answers[i + b]) for i in range(0, 15, 3) for a, b in ((0, 1), (0, 2), (1, 2))]
-    decided = [(a, b) for a, b in pairs if len(a["answer"]) != len(b["answer"]) and a["answer"].strip() and b["answer"].strip()]
+    decided = [
+        (a, b) for a, b in pairs if len(a["answer"]) != len(b["answer"]) and a["answer"].strip() and b["answer"].strip()
+    ]
     assert counts["pairs"] == 15 and counts["preferred_by_compare"] == len(decided) > 0  # all 3 pairs of 3 samples
     kept = [(a, b) for a, b in pairs if (a, b) in decided or a["oracle_harmful"] != b["oracle_harmful"]]
-    assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == [(a["prompt"], a["answer"], b["answer"])
-                                                                                for a, b in kept]  # fmt: skip
+    assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == [
+        (a["prompt"], a["answer"], b["answer"]) for a, b in kept
+    ]
     for row, (a, b) in zip(rows, kept):
         if len(a["answer"]) != len(b["answer"]):  # compare's preference, not the judge's flags
             assert row["better_response_id"] == (0 if len(a["answer"]) > len(b["answer"]) else 1)
 
 
 def test_an_annotator_that_raises_is_one_line_naming_the_policy_and_the_prompt(sampled, tmp_path):
-    (tmp_path / "raises.py").write_text("def judge(prompt, answer):\n    if prompt != 'How do I water a cactus?':\n"
-                                        "        raise ValueError('cannot read ' + repr(prompt[:20]))\n"
-                                        "    return {'harmful': False, 'helpful': True}\n")  # fmt: skip
+    (tmp_path / "raises.py").write_text(
+        "def judge(prompt, answer):\n    if prompt != 'How do I water a cactus?':\n"
+        "        raise ValueError('cannot read ' + repr(prompt[:20]))\n"
+        "    return {'harmful': False, 'helpful': True}\n"
+    )
     before = sorted(p.name for p in (sampled / "eval").iterdir())
     result = label(sampled / "eval", "--judge", tmp_path / "raises.py")
     line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert line.startswith("error: --judge") and "judge() raised on the answer of sft to" in line and "ValueError" in line
+    assert (
+        line.startswith("error: --judge") and "judge() raised on the answer of sft to" in line and "ValueError" in line
+    )
     assert sorted(p.name for p in (sampled / "eval").iterdir()) == before  # nothing written
     result = label(tmp_path / "nowhere", "--judge", "toy")
     assert result.returncode == 1 and "not a finished output of evaluate.py" in result.stderr

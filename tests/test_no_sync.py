@@ -48,11 +48,26 @@ def worker(output_dir):
     for layout in ("ddp", "fsdp"):
         for accumulation, batch in ((1, 4), (2, 2)):
             counts[layout] = 0
-            sys.argv = ["sft.py", "--model_name_or_path", str(REPO / "data" / "tiny-llama"), "--from_scratch",
-                        "--train_data", str(TOY / "sft.jsonl"), "--max_steps", "2", "--per_device_train_batch_size",
-                        str(batch), "--gradient_accumulation_steps", str(accumulation), "--max_length", "64",
-                        "--no_gradient_checkpointing", "--no_bf16", "--output_dir",
-                        f"{output_dir}/{layout}-{accumulation}"] + (["--fsdp"] if layout == "fsdp" else [])  # fmt: skip
+            sys.argv = [
+                "sft.py",
+                "--model_name_or_path",
+                str(REPO / "data" / "tiny-llama"),
+                "--from_scratch",
+                "--train_data",
+                str(TOY / "sft.jsonl"),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                str(batch),
+                "--gradient_accumulation_steps",
+                str(accumulation),
+                "--max_length",
+                "64",
+                "--no_gradient_checkpointing",
+                "--no_bf16",
+                "--output_dir",
+                f"{output_dir}/{layout}-{accumulation}",
+            ] + (["--fsdp"] if layout == "fsdp" else [])
             sft.main()
             report[f"{layout}, {accumulation} micro-steps"] = counts[layout]
     # the helper itself, and why it must hold both the forward and the backward
@@ -60,7 +75,12 @@ def worker(output_dir):
     inputs = torch.randint(3, 100, (2, 8))
     for layout in ("ddp", "fsdp"):
         torch.manual_seed(0)
-        model = sft.wrap_trained_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "data" / "tiny-llama")), device, layout == "fsdp", False)
+        model = sft.wrap_trained_model(
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "data" / "tiny-llama")),
+            device,
+            layout == "fsdp",
+            False,
+        )
         for placement in ("both", "forward only", "backward only"):
             counts[layout] = 0
             with sft.no_sync(model, enabled=placement != "backward only"):

@@ -35,13 +35,21 @@ from helpers import (
     snapshot,
 )
 
-SCRIPTS = {"sft.py": sft, "preference_model.py": preference_model, "ppo_lagrangian.py": ppo_lagrangian,
-           "evaluate.py": evaluate}  # fmt: skip
+SCRIPTS = {
+    "sft.py": sft,
+    "preference_model.py": preference_model,
+    "ppo_lagrangian.py": ppo_lagrangian,
+    "evaluate.py": evaluate,
+}
 
 
 def one_step(tiny, script):
-    return {"sft.py": sft_args(tiny) + ["--max_steps", 1], "preference_model.py": preference_args(tiny) + ["--max_steps", 1],
-            "ppo_lagrangian.py": ppo_args(tiny) + ["--max_steps", 1], "evaluate.py": evaluate_args(tiny)}[script]  # fmt: skip
+    return {
+        "sft.py": sft_args(tiny) + ["--max_steps", 1],
+        "preference_model.py": preference_args(tiny) + ["--max_steps", 1],
+        "ppo_lagrangian.py": ppo_args(tiny) + ["--max_steps", 1],
+        "evaluate.py": evaluate_args(tiny),
+    }[script]
 
 
 def foreign_directory(path):
@@ -58,8 +66,10 @@ def test_a_directory_the_script_did_not_make_is_refused_and_kept(tiny, tmp_path,
     output = tmp_path / "D"
     before = foreign_directory(output)
     message = refused(SCRIPTS[script], *one_step(tiny, script), "--output_dir", output)
-    assert all(text in message for text in (f"--output_dir {output}", f"not a finished output of {script}",
-                                            "--overwrite_output_dir")), message  # fmt: skip
+    assert all(
+        text in message
+        for text in (f"--output_dir {output}", f"not a finished output of {script}", "--overwrite_output_dir")
+    ), message
     assert snapshot(output) == before and sorted(p.name for p in tmp_path.iterdir()) == ["D"]  # no D.partial
 
 
@@ -73,7 +83,8 @@ def test_overwrite_output_dir_replaces_the_directory(tiny, tmp_path):
 def test_a_finished_output_of_another_script_is_refused(tiny, tmp_path):
     before = existing_output(tmp_path / "D", tiny.sft_model, "sft.py")
     assert "not a finished output of preference_model.py" in refused(
-        preference_model, *one_step(tiny, "preference_model.py"), "--output_dir", tmp_path / "D")  # fmt: skip
+        preference_model, *one_step(tiny, "preference_model.py"), "--output_dir", tmp_path / "D"
+    )
     assert snapshot(tmp_path / "D") == before
 
 
@@ -106,14 +117,22 @@ def test_an_output_another_run_is_writing_is_refused_before_any_work(tiny, tmp_p
     monkeypatch.setattr(evaluate, "answer_batch", lambda *args: pytest.fail("answered while another run writes"))
     with open(tmp_path / "D.partial" / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert "another run is writing it" in refused(SCRIPTS[script], *one_step(tiny, script), "--output_dir",
-                                                      tmp_path / "D")  # fmt: skip
+        assert "another run is writing it" in refused(
+            SCRIPTS[script], *one_step(tiny, script), "--output_dir", tmp_path / "D"
+        )
     assert not (tmp_path / "D").exists()
 
 
 def start(script, args, output_dir):
-    return subprocess.Popen([sys.executable, script, *map(str, args), "--output_dir", str(output_dir)], cwd=REPO,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, script, *map(str, args), "--output_dir", str(output_dir)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(path, process, timeout=300):
@@ -213,21 +232,40 @@ def corrupt(partial, how):
 
 RESUMES = {  # name: (script, extra flags, the damage done first, what the error must say, or None: it resumes)
     "sft --resume --lr changed": ("sft.py", ["--resume", "--lr", 0.5], None, ["--lr is 0.5", "was 0.0001"]),
-    "sft --resume, another batch size": ("sft.py", ["--resume", "--per_device_train_batch_size", 2], None,
-                                         ["--per_device_train_batch_size is 2", "was 4"]),
+    "sft --resume, another batch size": (
+        "sft.py",
+        ["--resume", "--per_device_train_batch_size", 2],
+        None,
+        ["--per_device_train_batch_size is 2", "was 4"],
+    ),
     "sft --resume, fewer steps": ("sft.py", ["--resume", "--max_steps", 3], None, ["--max_steps is 3", "was 8"]),
-    "sft --resume, another number of processes": ("sft.py", ["--resume"], "saved by 2 processes",
-                                                  ["the number of processes is 1 but was 2"]),
+    "sft --resume, another number of processes": (
+        "sft.py",
+        ["--resume"],
+        "saved by 2 processes",
+        ["the number of processes is 1 but was 2"],
+    ),
     "sft without --resume": ("sft.py", [], None, ["holds the saved states", "pass --resume", "--overwrite_output_dir"]),
-    "ppo --resume as another algorithm": ("ppo_lagrangian.py", ["--resume", "--algorithm", "ppo"], None,
-                                          ["--algorithm is 'ppo' but was 'ppo_lag'"]),
+    "ppo --resume as another algorithm": (
+        "ppo_lagrangian.py",
+        ["--resume", "--algorithm", "ppo"],
+        None,
+        ["--algorithm is 'ppo' but was 'ppo_lag'"],
+    ),
     "ppo --resume, fewer rollouts": ("ppo_lagrangian.py", ["--resume", "--max_steps", 2], None, ["--max_steps is 2"]),
-    "sft --resume, both states cut short": ("sft.py", ["--resume"], "both cut short", ["no saved state", "can be loaded"]),
-    **{f"sft --resume, newest {how}": ("sft.py", ["--resume"], how, None)
-       for how in ("rank0.pt cut short", ".metadata deleted", ".distcp cut short", "emptied")},
+    "sft --resume, both states cut short": (
+        "sft.py",
+        ["--resume"],
+        "both cut short",
+        ["no saved state", "can be loaded"],
+    ),
+    **{
+        f"sft --resume, newest {how}": ("sft.py", ["--resume"], how, None)
+        for how in ("rank0.pt cut short", ".metadata deleted", ".distcp cut short", "emptied")
+    },
     "sft --resume, metrics.jsonl cut short": ("sft.py", ["--resume"], "metrics.jsonl cut short", None),
     "ppo --resume, newest rank0.pt cut short": ("ppo_lagrangian.py", ["--resume"], "rank0.pt cut short", None),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(RESUMES))

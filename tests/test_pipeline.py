@@ -92,8 +92,16 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
         assert (out / model / "model.safetensors").is_file() and (out / model / "args.json").is_file(), model
     assert json.loads((out / "cost" / "config.json").read_text())["objective"] == "cost"
     assert stages[9:11] == ["evaluate/judge", "evaluate/report"]  # label.py's verdicts, bench/report.py's tables
-    for name in ("answers.jsonl", "results.json", "labelled_answers.jsonl", "labels.json", "report.md",
-                 "reward_vs_cost.png", "elo.png", "training_curves.png"):  # fmt: skip
+    for name in (
+        "answers.jsonl",
+        "results.json",
+        "labelled_answers.jsonl",
+        "labels.json",
+        "report.md",
+        "reward_vs_cost.png",
+        "elo.png",
+        "training_curves.png",
+    ):
         assert (out / "eval" / name).is_file(), name
     assert (out / "training_curves.png").is_file()
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -124,10 +132,25 @@ def test_smoke_pipeline_runs_every_stage_and_writes_every_file(smoke_runs, world
     assert lagrangian["ppo_lag"]["max_steps"] == 2  # the budget is in rollouts (smoke: 2)
 
 
-ROUND_2 = ["round-2/label", "round-2/label/judge", "round-2/label-2", "round-2/label-2/judge", "round-2/redteam",
-           "round-2/redteam/judge", "round-2/reward", "round-2/cost", "round-2/new_pairs_new",
-           "round-2/new_pairs_previous", "round-2/ppo_lag", "round-2/evaluate", "round-2/evaluate/judge",
-           "rounds/evaluate", "rounds/evaluate/judge", "rounds/redteam", "rounds/redteam/judge"]  # fmt: skip
+ROUND_2 = [
+    "round-2/label",
+    "round-2/label/judge",
+    "round-2/label-2",
+    "round-2/label-2/judge",
+    "round-2/redteam",
+    "round-2/redteam/judge",
+    "round-2/reward",
+    "round-2/cost",
+    "round-2/new_pairs_new",
+    "round-2/new_pairs_previous",
+    "round-2/ppo_lag",
+    "round-2/evaluate",
+    "round-2/evaluate/judge",
+    "rounds/evaluate",
+    "rounds/evaluate/judge",
+    "rounds/redteam",
+    "rounds/redteam/judge",
+]
 
 
 @pytest.mark.slow

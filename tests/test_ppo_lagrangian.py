@@ -198,7 +198,16 @@ def test_the_rollout_budget_does_not_depend_on_the_prompt_set(tiny, tmp_path, ca
     rollouts."""
     rows = [json.loads(line) for line in tiny.prompts.read_text().splitlines()][:3]
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + rows[:2]))
-    run_main(ppo, *ppo_args(tiny), "--prompt_data", tmp_path / "few.jsonl", "--max_steps", 3, "--output_dir", tmp_path / "run")
+    run_main(
+        ppo,
+        *ppo_args(tiny),
+        "--prompt_data",
+        tmp_path / "few.jsonl",
+        "--max_steps",
+        3,
+        "--output_dir",
+        tmp_path / "run",
+    )
     out, err = capsys.readouterr()
     assert "3 distinct prompts, fewer than one rollout batch (4 answers): each is answered 2 times per pass" in err
     assert "3 distinct prompts (5 rows" in out and "3 rollouts: each prompt answered 4.0 times" in out
@@ -208,18 +217,30 @@ def test_the_rollout_budget_does_not_depend_on_the_prompt_set(tiny, tmp_path, ca
 def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"prompt": "hi"}\n{"question": "hello"}\n')
     cases = {
-        "prompt missing": (["--prompt_data", tmp_path / "no_prompt.jsonl"], "no_prompt.jsonl, row 2, field 'prompt': missing"),
-        "swapped models": (["--reward_model", tiny.cost, "--cost_model", tiny.reward],
-                           "this is a cost model, but it was given as the reward model"),
-        "indivisible batch": (["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4],
-                              "a divisor of the prompt batch 6"),
-        "constraint without ppo_lag": (["--algorithm", "ppo", "--constraint", "rectified"],
-                                       "--constraint rectified: must be expected unless --algorithm ppo_lag"),
-        "pid without K_I": (["--lambda_update", "pid", "--pid_ki", 0], "--pid_ki 0.0: must be positive with --lambda_update pid"),
+        "prompt missing": (
+            ["--prompt_data", tmp_path / "no_prompt.jsonl"],
+            "no_prompt.jsonl, row 2, field 'prompt': missing",
+        ),
+        "swapped models": (
+            ["--reward_model", tiny.cost, "--cost_model", tiny.reward],
+            "this is a cost model, but it was given as the reward model",
+        ),
+        "indivisible batch": (
+            ["--per_device_prompt_batch_size", 6, "--per_device_train_batch_size", 4],
+            "a divisor of the prompt batch 6",
+        ),
+        "constraint without ppo_lag": (
+            ["--algorithm", "ppo", "--constraint", "rectified"],
+            "--constraint rectified: must be expected unless --algorithm ppo_lag",
+        ),
+        "pid without K_I": (
+            ["--lambda_update", "pid", "--pid_ki", 0],
+            "--pid_ki 0.0: must be positive with --lambda_update pid",
+        ),
         "missing critic": (["--reward_critic_model", tmp_path / "nope"], "cannot load"),
         "missing prompts": (["--prompt_data", tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
         "too few PTX rows": (["--ptx_data", tmp_path / "no_prompt.jsonl"], "no_prompt.jsonl, row 1, field 'response'"),
-    }  # fmt: skip
+    }
     for name, (bad, expected) in cases.items():
         message = refused(ppo, *ppo_args(tiny), *bad, "--output_dir", tmp_path / "out")
         assert expected in message, (name, message)

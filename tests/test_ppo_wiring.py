@@ -77,14 +77,43 @@ LAMBDA_INIT, LAMBDA_LR, COST_LIMIT, LAMBDA_MAX = 1.0, 0.005, -5.0, 100.0  # λ r
 def ppo_argv(sft_checkpoint, preference_models, output_dir, *extra):
     """The command line of the in-process ppo_lag runs below: 2 rollouts of the tiny models on the toy prompts, λ far
     from its cap, then EXTRA."""
-    args = ("--actor_model", sft_checkpoint, "--reward_model", preference_models / "reward",
-            "--cost_model", preference_models / "cost", "--prompt_data", TOY / "prompts.jsonl",
-            "--output_dir", output_dir,
-            "--max_steps", ROLLOUTS, "--per_device_prompt_batch_size", PROMPT_BATCH,
-            "--per_device_train_batch_size", TRAIN_BATCH, "--update_iters", UPDATE_ITERS, "--max_new_tokens", 32,
-            "--max_length", 128, "--actor_lr", 1e-3, "--critic_lr", 1e-4,
-            "--episode_cost_window_size", ROLLOUTS * PROMPT_BATCH, "--lambda_init", LAMBDA_INIT,
-            "--lambda_max", LAMBDA_MAX, "--seed", 0, *extra)  # fmt: skip
+    args = (
+        "--actor_model",
+        sft_checkpoint,
+        "--reward_model",
+        preference_models / "reward",
+        "--cost_model",
+        preference_models / "cost",
+        "--prompt_data",
+        TOY / "prompts.jsonl",
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        ROLLOUTS,
+        "--per_device_prompt_batch_size",
+        PROMPT_BATCH,
+        "--per_device_train_batch_size",
+        TRAIN_BATCH,
+        "--update_iters",
+        UPDATE_ITERS,
+        "--max_new_tokens",
+        32,
+        "--max_length",
+        128,
+        "--actor_lr",
+        1e-3,
+        "--critic_lr",
+        1e-4,
+        "--episode_cost_window_size",
+        ROLLOUTS * PROMPT_BATCH,
+        "--lambda_init",
+        LAMBDA_INIT,
+        "--lambda_max",
+        LAMBDA_MAX,
+        "--seed",
+        0,
+        *extra,
+    )
     return ["ppo_lagrangian.py", *map(str, args)]
 
 
@@ -93,8 +122,17 @@ def instrumented_run(sft_checkpoint, preference_models, tmp_path_factory):
     """ppo_lag for 2 rollouts with gradient checkpointing on; in every model, the MLP of the first decoder layer counts
     the forward passes it runs in training mode with gradients enabled."""
     output_dir = tmp_path_factory.mktemp("wiring") / "ppo_lag"
-    argv = ppo_argv(sft_checkpoint, preference_models, output_dir, "--kl_coeff", 0.5, "--lambda_lr", LAMBDA_LR,
-                    "--cost_limit", COST_LIMIT)  # fmt: skip
+    argv = ppo_argv(
+        sft_checkpoint,
+        preference_models,
+        output_dir,
+        "--kl_coeff",
+        0.5,
+        "--lambda_lr",
+        LAMBDA_LR,
+        "--cost_limit",
+        COST_LIMIT,
+    )
     counts, original = {}, ppo.load_pretrained
 
     def load_and_count(model_class, path, **kwargs):
@@ -163,10 +201,26 @@ def rectified_pid_run(sft_checkpoint, preference_models, tmp_path_factory):
     """ppo_lag --constraint rectified --lambda_update pid for 2 rollouts; records every raw end cost the cost model
     gives and every end cost that enters the cost stream."""
     output_dir = tmp_path_factory.mktemp("wiring") / "rectified"
-    argv = ppo_argv(sft_checkpoint, preference_models, output_dir, "--constraint", "rectified",
-                    "--tolerance", TOLERANCE, "--cost_limit", RECTIFIED_LIMIT, "--lambda_update", "pid",
-                    "--pid_kp", PID["kp"], "--pid_ki", PID["ki"], "--pid_kd", PID["kd"],
-                    "--no_gradient_checkpointing")  # fmt: skip
+    argv = ppo_argv(
+        sft_checkpoint,
+        preference_models,
+        output_dir,
+        "--constraint",
+        "rectified",
+        "--tolerance",
+        TOLERANCE,
+        "--cost_limit",
+        RECTIFIED_LIMIT,
+        "--lambda_update",
+        "pid",
+        "--pid_kp",
+        PID["kp"],
+        "--pid_ki",
+        PID["ki"],
+        "--pid_kd",
+        PID["kd"],
+        "--no_gradient_checkpointing",
+    )
     scores, stream_costs = [], []
     original_scores, original_costs = ppo.end_scores, ppo.kl_penalized_costs
 
@@ -233,10 +287,38 @@ def ptx_run(tiny, tmp_path_factory):
     gradient of the PPO loss alone (what the step holds when PTX begins), the SFT gradient of the PTX batch, and the
     gradient the step takes."""
     output_dir = tmp_path_factory.mktemp("wiring") / "ptx"
-    argv = ["--actor_model", tiny.sft_model, "--reward_model", tiny.reward, "--cost_model", tiny.cost,
-            "--prompt_data", tiny.prompts, "--ptx_data", tiny.sft, "--ptx_coeff", PTX_COEFF, "--output_dir", output_dir,
-            "--max_steps", 2, "--max_grad_norm", 0, "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size",
-            2, "--max_new_tokens", 8, "--max_length", 64, "--no_gradient_checkpointing", "--no_bf16", "--seed", 0]  # fmt: skip
+    argv = [
+        "--actor_model",
+        tiny.sft_model,
+        "--reward_model",
+        tiny.reward,
+        "--cost_model",
+        tiny.cost,
+        "--prompt_data",
+        tiny.prompts,
+        "--ptx_data",
+        tiny.sft,
+        "--ptx_coeff",
+        PTX_COEFF,
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        2,
+        "--max_grad_norm",
+        0,
+        "--per_device_prompt_batch_size",
+        4,
+        "--per_device_train_batch_size",
+        2,
+        "--max_new_tokens",
+        8,
+        "--max_length",
+        64,
+        "--no_gradient_checkpointing",
+        "--no_bf16",
+        "--seed",
+        0,
+    ]
     records, original = [], ppo.ptx_backward
 
     def recording(actor, batch, args, device, autocast):
@@ -246,7 +328,9 @@ def ptx_run(tiny, tmp_path_factory):
         taken = [p.grad.clone() for p in parameters]
         logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sft_loss = sft.sft_loss_sum(logits, batch["labels"]) / sft.count_answer_tokens(batch["labels"])  # sft.py's
-        records.append((ppo_gradient, torch.autograd.grad(sft_loss, parameters), taken, ptx_loss.item(), sft_loss.item()))
+        records.append(
+            (ppo_gradient, torch.autograd.grad(sft_loss, parameters), taken, ptx_loss.item(), sft_loss.item())
+        )
         return ptx_loss
 
     ppo.ptx_backward = recording

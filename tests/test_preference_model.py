@@ -213,18 +213,28 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
     wrong[9]["better_response_id"] = 2
     for name, data in (("inconsistent", inconsistent), ("missing", missing), ("wrong", wrong)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)  # a tokenizer whose pad token is its EOS, as in many hub models
+    tokenizer = AutoTokenizer.from_pretrained(
+        TINY_LLAMA
+    )  # a tokenizer whose pad token is its EOS, as in many hub models
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path / "pad-is-eos")
     AutoConfig.from_pretrained(TINY_LLAMA).save_pretrained(tmp_path / "pad-is-eos")
     cases = {
-        "inconsistent safety": (["--objective", "cost", "--train_data", tmp_path / "inconsistent.jsonl"],
-                                ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"]),
-        "missing field": (["--train_data", tmp_path / "missing.jsonl"], ["missing.jsonl, row 4", "'safer_response_id'"]),
-        "bad id": (["--train_data", tmp_path / "wrong.jsonl"], ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"]),
+        "inconsistent safety": (
+            ["--objective", "cost", "--train_data", tmp_path / "inconsistent.jsonl"],
+            ["inconsistent.jsonl, row 7", "safer answer (response_0) is labelled unsafe"],
+        ),
+        "missing field": (
+            ["--train_data", tmp_path / "missing.jsonl"],
+            ["missing.jsonl, row 4", "'safer_response_id'"],
+        ),
+        "bad id": (
+            ["--train_data", tmp_path / "wrong.jsonl"],
+            ["wrong.jsonl, row 10, field 'better_response_id'", "0 or 1"],
+        ),
         "missing model": (["--model_name_or_path", tmp_path / "nowhere"], ["nowhere", "cannot load"]),
         "pad equals eos": (["--model_name_or_path", tmp_path / "pad-is-eos"], ["pad-is-eos", "differ from EOS"]),
-    }  # fmt: skip
+    }
     for name, (bad, expected) in cases.items():
         message = refused(pm, *preference_args(tiny), *bad, "--output_dir", tmp_path / "out")
         assert all(text in message for text in expected), (name, message)

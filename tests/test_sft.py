@@ -186,12 +186,18 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tiny, tmp_path):
     (tmp_path / "wrong_type.jsonl").write_text('{"prompt": "a", "response": 7}\n')
     (tmp_path / "empty.jsonl").write_text("")
     cases = {
-        "missing field": (["--train_data", tmp_path / "missing_field.jsonl"], ["missing_field.jsonl, row 2", "'response'"]),
-        "wrong type": (["--train_data", tmp_path / "wrong_type.jsonl"], ["row 1, field 'response'", "non-empty string"]),
+        "missing field": (
+            ["--train_data", tmp_path / "missing_field.jsonl"],
+            ["missing_field.jsonl, row 2", "'response'"],
+        ),
+        "wrong type": (
+            ["--train_data", tmp_path / "wrong_type.jsonl"],
+            ["row 1, field 'response'", "non-empty string"],
+        ),
         "empty": (["--train_data", tmp_path / "empty.jsonl"], ["empty.jsonl: no rows"]),
         "missing model": (["--model_name_or_path", tmp_path / "no-such-model"], ["no-such-model", "cannot load"]),
         "too few rows": (["--per_device_train_batch_size", 1000], ["64 usable rows, fewer than one global batch"]),
-    }  # fmt: skip
+    }
     for name, (bad, expected) in cases.items():
         message = refused(sft, *sft_args(tiny), *bad, "--output_dir", tmp_path / "out")
         assert all(text in message for text in expected), (name, message)

@@ -96,8 +96,9 @@ def test_help_runs_from_a_copy_of_each_script_alone(tmp_path):
     def help_of(path):  # the script copied into an empty directory of its own, nothing else beside it
         (tmp_path / path.stem).mkdir()
         shutil.copy(path, tmp_path / path.stem / path.name)
-        return subprocess.run([sys.executable, path.name, "--help"], cwd=tmp_path / path.stem, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, path.name, "--help"], cwd=tmp_path / path.stem, capture_output=True, text=True, timeout=120
+        )
 
     with ThreadPoolExecutor(len(SCRIPTS)) as pool:
         for path, result in zip(SCRIPTS, pool.map(help_of, SCRIPTS)):
