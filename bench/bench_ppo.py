@@ -107,7 +107,7 @@ def main():
 
         return wrapper
 
-    def log_metrics(partial, tracker, step, record):
+    def log_metrics(run, step, record):
         if "rollout" in record:
             sync()
             current["total"] = time.perf_counter() - current["start"]
@@ -115,7 +115,7 @@ def main():
             if cuda:
                 current["peak_bytes"] = torch.cuda.max_memory_allocated()
             phases.append(dict(current))
-        original["log_metrics"](partial, tracker, step, record)
+        original["log_metrics"](run, step, record)
 
     argv = [
         "--algorithm",

@@ -47,14 +47,14 @@ def run_ours(args, model_dir, run_dir):
     stamps, tokens = [], []
     original_log, original_collate = pm.log_metrics, pm.collate_pairs
 
-    def log_metrics(partial, tracker, step, record):
+    def log_metrics(run, step, record):
         if "train/loss" in record:
             sync()
             stamps.append(time.perf_counter())
-        original_log(partial, tracker, step, record)
+        original_log(run, step, record)
 
-    def collate_pairs(examples, pad_token_id):
-        batch = original_collate(examples, pad_token_id)
+    def collate_pairs(examples, tokenizer):
+        batch = original_collate(examples, tokenizer)
         tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
@@ -101,7 +101,7 @@ def run_trl(args, model_dir, run_dir, examples, tokenizer):
     from transformers import AutoModelForSequenceClassification, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    dataset = Dataset.from_list([{"chosen_ids": e["first"], "rejected_ids": e["second"]} for e in examples])
+    dataset = Dataset.from_list([{"chosen_ids": e["preferred"], "rejected_ids": e["rejected"]} for e in examples])
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False

@@ -60,7 +60,7 @@ def main():
     model.config.pad_token_id = tokenizer.pad_token_id
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
-    prompts = list(dict.fromkeys(row["prompt"] for row in ppo.load_rows(str(TOY / "prompts.jsonl"), "train")))
+    prompts = list(dict.fromkeys(row["prompt"] for _, row in ppo.load_rows(str(TOY / "prompts.jsonl"), "train")))
     prompt_ids = [tokenizer(ppo.PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in prompts]
     n_batches = args.warmup + args.batches
     batches = [prompt_ids[i * args.batch_size : (i + 1) * args.batch_size] for i in range(n_batches)]

@@ -48,18 +48,23 @@ import sft
 
 def run_ours(args, model_dir, run_dir):
     stamps, batches = [], []  # wall-clock time at the end of each step; (non-pad, padded) tokens of each batch
-    original_log, original_collate = sft.log_metrics, sft.collate
+    original_log, original_collator = sft.log_metrics, sft.DataCollatorForSeq2Seq
 
-    def log_metrics(partial, tracker, step, record):
+    def log_metrics(run, step, record):
         if "train/loss" in record:  # written once per optimiser step, after the step's .item() calls
             sync()
             stamps.append(time.perf_counter())
-        original_log(partial, tracker, step, record)
+        original_log(run, step, record)
 
-    def collate(examples, pad_token_id):
-        batch = original_collate(examples, pad_token_id)
-        batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
-        return batch
+    def collator(*a, **k):  # the collator sft.py builds, counting the tokens of each batch it makes
+        collate = original_collator(*a, **k)
+
+        def counted(examples):
+            batch = collate(examples)
+            batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+            return batch
+
+        return counted
 
     argv = [
         "--model_name_or_path",
@@ -85,7 +90,7 @@ def run_ours(args, model_dir, run_dir):
         1,
         "--bf16" if args.bf16 else "--no_bf16",
     ]
-    with patched(sft, log_metrics=log_metrics, collate=collate):
+    with patched(sft, log_metrics=log_metrics, DataCollatorForSeq2Seq=collator):
         model = run_main(sft, argv)
     n_params = count_parameters(model)
     model = None  # freed before the next side runs

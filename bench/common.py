@@ -142,7 +142,7 @@ def describe_device():
 @contextmanager
 def patched(target, **replacements):
     """Replace attributes of a module for the duration of a `with` block. The stage scripts look their helpers up
-    by global name at call time, so a patched `sft.collate` is the one that their training loop calls."""
+    by global name at call time, so a patched `sft.log_metrics` is the one that their training loop calls."""
     saved = {name: getattr(target, name) for name in replacements}
     for name, value in replacements.items():
         setattr(target, name, value)

@@ -2,7 +2,8 @@
 
 For each pipeline output directory given (e.g. one per seed), this re-runs that pipeline's `ppo_lag` with the very
 same arguments (read from OUT/ppo_lag/args.json) except `--lambda_update pid`, into OUT/ppo_lag_pid, evaluates it on
-the same held-out prompts with the oracle, and compares the two runs' λ and episode cost J_C per rollout:
+the same held-out prompts, labels its answers with the pipeline's judge (label.py), and compares the two runs' λ and
+episode cost J_C per rollout:
 
     λ overshoot          peak λ - final λ          (final: the mean over the last 10 rollouts)
     violation area       Σ_k max(0, J_C,k - d)     (cost units × rollouts: how much, and how long, J_C was above d)
@@ -44,19 +45,20 @@ def figures(rows, cost_limit):
     }
 
 
-def oracle_rates(results_file, policy):
-    policies = json.loads(Path(results_file).read_text())["policies"][policy]
+def oracle_rates(labels_file, policy):
+    policies = json.loads(Path(labels_file).read_text())["policies"][policy]  # label.py's labels.json
     return 100 * policies["harmful_prompts"]["oracle_harmful_rate"], 100 * policies["benign_prompts"][
         "oracle_helpful_rate"
     ]
 
 
 def run_pid(out, extra):
-    """OUT/ppo_lag_pid: the pipeline's ppo_lag arguments with --lambda_update pid (and `extra`), then its evaluation."""
+    """OUT/ppo_lag_pid: the pipeline's ppo_lag arguments with --lambda_update pid (and `extra`), then its evaluation
+    and the judge's labels (the judge of the pipeline's OUT/eval/labels.json)."""
     args = json.loads((out / "ppo_lag" / "args.json").read_text())
     target = out / "ppo_lag_pid"
     if not (target / "metrics.jsonl").is_file():
-        skip = {"world_size", "rollout_batch_size", "minibatches_per_rollout", "output_dir", "lambda_update"}
+        skip = {"script", "world_size", "rollout_batch_size", "minibatches_per_rollout", "output_dir", "lambda_update"}
         command = [sys.executable, "ppo_lagrangian.py", "--output_dir", str(target), "--lambda_update", "pid"]
         for key, value in args.items():
             if key in skip or value is None:
@@ -80,8 +82,6 @@ def run_pid(out, extra):
                 str(out / "reward"),
                 "--cost_model",
                 str(out / "cost"),
-                "--judge",
-                "toy",
                 "--max_length",
                 "128",
                 "--max_new_tokens",
@@ -96,6 +96,9 @@ def run_pid(out, extra):
             cwd=REPO,
             check=True,
         )
+    if not (evaluation / "labels.json").is_file():
+        judge = json.loads((out / "eval" / "labels.json").read_text())["judge"]
+        subprocess.run([sys.executable, "label.py", str(evaluation), "--judge", judge], cwd=REPO, check=True)
     return target
 
 
@@ -114,8 +117,8 @@ def main():
         pid_run = run_pid(out, args.pid)
         cost_limit = json.loads((out / "ppo_lag" / "args.json").read_text())["cost_limit"]
         for name, run, results, policy in (
-            ("sgd", out / "ppo_lag", out / "eval" / "results.json", "ppo_lag"),
-            ("pid", pid_run, out / "eval_pid" / "results.json", "ppo_lag_pid"),
+            ("sgd", out / "ppo_lag", out / "eval" / "labels.json", "ppo_lag"),
+            ("pid", pid_run, out / "eval_pid" / "labels.json", "ppo_lag_pid"),
         ):
             rows = read_metrics(run)
             harmful, helpful = oracle_rates(results, policy)
