@@ -379,36 +379,21 @@ def policy_results(records, args, split_by_kind, prompts):
 
 
 def summary(results):
-    """The run's numbers, short, for the terminal (bench/report.py writes report.md and the plots)."""
-
-    def percent(share, interval=None):
-        return f"{100 * share:.1f}%" + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
-
+    """The run's main numbers for the terminal (bench/report.py writes report.md and the plots)."""
     lines = []
     for name, m in results.get("score_models", {}).items():
-        sign = f", sign accuracy {percent(m['sign_accuracy'], m['sign_accuracy_ci95'])}" if "sign_accuracy" in m else ""
-        lines.append(f"{name} model, {m['pairs']} pairs: accuracy {percent(m['accuracy'], m['accuracy_ci95'])}{sign}")
-    for subset, subsets in itertools.product(
-        ("all", "harmful_prompts", "benign_prompts"), [results.get("policies", {})]
-    ):
-        if subsets and subset in next(iter(subsets.values())):
-            lines += [
-                "",
-                f"{subset.replace('_', ' ')}:",
-                "| policy | answers | harmful (C > 0) [95% interval] | reward | cost |",
-            ]
-            for name, s in ((name, by_subset[subset]) for name, by_subset in subsets.items()):
-                harmful = percent(s["harmful_rate"], s["harmful_rate_ci95"])
-                lines.append(f"| {name} | {s['answers']} | {harmful} | {s['mean_reward']:.3f} | {s['mean_cost']:.3f} |")
-    for m in results.get("arena", []):
-        wins = f"{percent(m['helpfulness_win_rate'])} helpfulness, {percent(m['harmlessness_win_rate'])} harmlessness"
-        lines.append(f"arena, {m['b']} vs {m['a']}: better and safe {percent(m['better_safe_share'])}; wins {wins}")
-    if "elo" in results:
-        elo = results["elo"]
-        ranked = ", ".join(
-            f"{n} {elo['helpfulness'][n]:.0f} / {elo['harmlessness'][n]:.0f}" for n in elo["helpfulness"]
+        sign = f", sign accuracy {100 * m['sign_accuracy']:.1f}%" if "sign_accuracy" in m else ""
+        lines.append(f"{name} model, {m['pairs']} held-out pairs: accuracy {100 * m['accuracy']:.1f}%{sign}")
+    for name, s in ((name, subsets["all"]) for name, subsets in results.get("policies", {}).items()):
+        low, high = s["harmful_rate_ci95"]
+        harmful = f"{100 * s['harmful_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+        lines.append(
+            f"{name}: harmful (C > 0) {harmful}, mean reward {s['mean_reward']:.3f}, mean cost {s['mean_cost']:.3f}"
         )
-        lines.append(f"Elo, helpfulness / harmlessness: {ranked}")
+    for m in results.get("arena", []):
+        lines.append(
+            f"arena, {m['b']} vs {m['a']}: B better and safe on {100 * m['better_safe_share']:.1f}% of prompts"
+        )
     return "\n".join(lines)
 
 
@@ -451,14 +436,9 @@ def load_tokenizers(args, policies):
         if objective:
             raise InputError(f"{path}: this is a {objective} model, not a policy")
         policy_tokenizers[name] = load_pretrained(AutoTokenizer, path)
-    for path, tokenizer in [
-        *zip([args.reward_model, args.cost_model], score_tokenizers.values()),
-        *zip(policies.values(), policy_tokenizers.values()),
-    ]:
+    for tokenizer in [*score_tokenizers.values(), *policy_tokenizers.values()]:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise InputError(
-                f"{path}: the tokenizer's pad token must exist and differ from EOS; use a checkpoint of these scripts"
-            )
+            raise InputError(f"{tokenizer.name_or_path}: its pad token must differ from EOS; use an sft.py model")
     return score_tokenizers, policy_tokenizers
 
 
@@ -466,51 +446,33 @@ def load_eval_prompts(args, policy_tokenizers, rank):
     """The distinct prompts that every policy's tokenizer fits in --max_length (PKU-SafeRLHF repeats prompts across
     rows: each is answered once), each listed samples_per_prompt times side by side. Returns (rows, split by prompt
     kind?: every row says whether it is harmful, and both kinds are there)."""
-    if not policy_tokenizers:
-        return [], False
     unique, first_row = {}, {}
-    for number, row in load_rows(args.prompt_data, args.prompt_split):
-        here = f"{args.prompt_data}, row {number}"
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            found = "missing" if row.get("prompt") is None else f"expected a non-empty string, got {row['prompt']!r}"
+    for number, row in load_rows(args.prompt_data, args.prompt_split) if policy_tokenizers else []:
+        here, prompt, harmful = f"{args.prompt_data}, row {number}", row.get("prompt"), row.get("harmful")
+        if not isinstance(prompt, str) or not prompt.strip():
+            found = "missing" if prompt is None else f"expected a non-empty string, got {prompt!r}"
             raise InputError(f"{here}, field 'prompt': {found}")
-        if row.get("harmful") is not None and not isinstance(row["harmful"], bool):
-            raise InputError(f"{here}, field 'harmful': expected true or false, got {row['harmful']!r}")
-        first = unique.setdefault(row["prompt"], row)
-        first_row.setdefault(row["prompt"], number)
-        if first.get("harmful") != row.get("harmful"):
-            said = f"row {first_row[row['prompt']]} says {first.get('harmful')!r} for the same prompt"
-            raise InputError(f"{here}, field 'harmful': {row.get('harmful')!r}, but {said}")
-
-    def fits(prompt):
-        return all(
-            len(t(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]) < args.max_length
-            for t in policy_tokenizers.values()
-        )
-
-    rows = [row for row in unique.values() if fits(row["prompt"])]
-    skipped = len(unique) - len(rows)
-    rows = [
-        row
-        for row in rows[: args.max_prompts if args.max_prompts > 0 else None]
-        for _ in range(args.samples_per_prompt)
+        if harmful is not None and not isinstance(harmful, bool):
+            raise InputError(f"{here}, field 'harmful': expected true or false, got {harmful!r}")
+        if unique.setdefault(prompt, row).get("harmful") != harmful:
+            said = f"row {first_row[prompt]} says {unique[prompt].get('harmful')!r} for the same prompt"
+            raise InputError(f"{here}, field 'harmful': {harmful!r}, but {said}")
+        first_row.setdefault(prompt, number)
+    lengths = [
+        [len(t(PROMPT_TEMPLATE.format(prompt=p))["input_ids"]) for t in policy_tokenizers.values()] for p in unique
     ]
-    if not rows:
+    fits = [row for row, length in zip(unique.values(), lengths) if max(length) < args.max_length]
+    rows = [row for row in fits[: max(args.max_prompts, 0) or None] for _ in range(args.samples_per_prompt)]
+    if policy_tokenizers and not rows:
+        raise InputError(f"{args.prompt_data}: no prompt shorter than --max_length {args.max_length} to answer")
+    if args.fsdp and 0 < len(rows) < args.world_size:  # under FSDP every rank takes part in every model's forward
         raise InputError(
-            f"{args.prompt_data}: no prompt left to answer ({skipped} not shorter than --max_length {args.max_length})"
+            f"{args.prompt_data}: {len(rows)} prompts, fewer than {args.world_size} ranks; run without --fsdp"
         )
-    if args.fsdp and len(rows) < args.world_size:  # under FSDP every rank takes part in every model's first forward
-        raise InputError(
-            f"{args.prompt_data}: {len(rows)} prompts, fewer than the {args.world_size} ranks; run without --fsdp"
-        )
-    split_by_kind = all(isinstance(row.get("harmful"), bool) for row in rows) and len({r["harmful"] for r in rows}) == 2
-    if rank == 0:
-        answers = f"{len(rows)} answers ({'greedy' if args.greedy else 'sampled'}) per policy"
-        print(
-            f"evaluate: {len(policy_tokenizers)} policies, {answers}; {skipped} prompts skipped (too long); "
-            f"world size {args.world_size}"
-        )
-    return rows, split_by_kind
+    if rank == 0 and policy_tokenizers:
+        too_long = len(unique) - len(fits)
+        print(f"evaluate: {len(policy_tokenizers)} policies, {len(rows)} answers each; {too_long} prompts too long")
+    return rows, all(isinstance(row.get("harmful"), bool) for row in rows) and len({r["harmful"] for r in rows}) == 2
 
 
 def load_eval_pairs(args, score_tokenizers):

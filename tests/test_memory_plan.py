@@ -229,14 +229,16 @@ def local_shards_worker(output_dir):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ppo_lagrangian import Critic, wrap_frozen_model, wrap_trained_model  # the scripts' own sharding
+    from ppo_lagrangian import Critic, fsdp_shard, wrap_trained_model  # the scripts' own sharding
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     config, cpu = tiny_config(), torch.device("cpu")
 
     def shard(model, trained=True):
-        return (wrap_trained_model if trained else wrap_frozen_model)(model, cpu, fsdp=True, bf16=False)
+        if trained:
+            return wrap_trained_model(model, cpu, fsdp=True, bf16=False)
+        return fsdp_shard(model, bf16=False, reshard_root=True)  # a frozen model, as load_models shards it
 
     trained = [shard(build(config, "lm")), shard(Critic(build(config, "score"))), shard(Critic(build(config, "score")))]
     frozen = [
