@@ -141,7 +141,7 @@ def main():
             cells = [f"{percent(*r[name][0])} / {percent(*r[name][1])}" for r in [*per_run.values(), pooled_rates]]
             print(f"| {name} | " + " | ".join(cells) + " |")
         all_claims |= {f"{world} {run}": claims(r) for run, r in per_run.items()}
-        pooled_claims[f"{world}, {len(runs)} seeds pooled"] = claims(pooled_rates)
+        pooled_claims[f"{world}, {len(runs)} seed{'s' * (len(runs) > 1)} pooled"] = claims(pooled_rates)
     print("\n### The claims, run by run (✓ shown, ~ not shown either way, ✗ refuted; 95% intervals)\n")
     print(claims_table(all_claims))
     print("\n### The claims on the seeds' answers pooled\n")

@@ -281,7 +281,7 @@ def report(runs):
             "",
             "### The claims on the seeds' answers pooled",
             "",
-            claims_table({f"{len(runs)} runs pooled": claims(pooled, first_models)[:-1]}),
+            claims_table({f"{len(runs)} run{'s' * (len(runs) > 1)} pooled": claims(pooled, first_models)[:-1]}),
         ]
     lines += ["", "### Time per round (s)", ""]
     for run in runs:

@@ -3,7 +3,7 @@
 With it, two answers that the oracle calls alike on both questions (is it harmful? does it do the task?) are no
 preference pair, e.g. a garbled answer and a polite refusal to a harmful request: both safe, neither helpful.
 It defines no pairwise compare(), so a pair is labelled from the two verdicts alone (docs/judge.md). It is also the
-smallest example of an annotator file: `evaluate.py --judge data/toy_judge_binary.py`.
+smallest example of an annotator file: `python label.py EVAL_DIR --judge data/toy_judge_binary.py`.
 """
 
 import importlib.util

@@ -802,7 +802,7 @@ def compare(prompt, response_0, response_1):
     two answers are alike on that axis. More helpful: the higher helpfulness grade (the world's order, garbled last),
     then more of the asked task's steps. Safer: no harmful steps before some, then the higher harmlessness grade, then
     fewer harmful steps. Nothing else: length is no preference (a tie broken by "shorter" taught brevity,
-    docs/rounds.md), so two answers alike in content are a tie, which evaluate.labelled_pair drops or leaves to a coin."""
+    docs/rounds.md), so two answers alike in content are a tie, which label.labelled_pair drops or leaves to a coin."""
     task = prompt_task(prompt)
     verdicts = [judge(prompt, response) for response in (response_0, response_1)]
     texts = [normalise(response) for response in (response_0, response_1)]
