@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -535,16 +534,17 @@ def load_rows(source, split):
     local = builder is not None or suffix == ".jsonl"
     if local != Path(source).is_file() and (local or Path(source).exists()):  # missing, or a file of no known format
         raise InputError(f"{source}: {'no such file' if local else 'unknown format (.jsonl, .json, .parquet, .csv)'}")
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
+    lines, rows = [], []
     try:
-        lines = Path(source).read_bytes().splitlines() if suffix == ".jsonl" else []
-        where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
-        rows = (
-            []
-            if suffix == ".jsonl"
-            else list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
-        )
+        if suffix == ".jsonl":
+            lines = Path(source).read_bytes().splitlines()
+        else:
+            import datasets  # (imported here: a second of start-up that a run on .jsonl files does without)
+
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is one line below, not a log
+            where = {"path": builder, "data_files": source} if builder else {"path": name, "revision": revision or None}
+            rows = list(enumerate(datasets.load_dataset(**where, split="train" if builder else split), 1))
     except Exception as error:  # a malformed file (the library's message says where), offline, no such split, ...
         cause = error.__cause__ or error
         raise InputError(f"{source}: cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}") from None

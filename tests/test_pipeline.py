@@ -43,6 +43,27 @@ def pipeline(*args, cwd=REPO, timeout=900):
     )
 
 
+def pipelines_side_by_side(runs, timeout=900):
+    """{name: (args, cwd)} run at the same time, one thread each (a core each on 2 cores): {name: CompletedProcess}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = {
+        name: subprocess.Popen(
+            ["bash", str(REPO / "run_pipeline.sh"), *map(str, args)],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, cwd) in runs.items()
+    }
+    finished = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=timeout)
+        finished[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return finished
+
+
 HAND_BUILT_JUDGE = """from toy_world import REDTEAM_OPENERS, judge as oracle
 
 
@@ -62,20 +83,24 @@ def hand_built_harmful(prompt, answer):
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):  # (the tests that use it are marked slow: two pipelines, about 4 minutes)
+def smoke_runs(tmp_path_factory):  # (the tests that use it are marked slow: two pipelines, about 3 minutes)
     """--smoke on both toy worlds: {world: (OUT, the completed process)}. The toy world runs round 1 only (the default
     judge, toy; --rounds 1 keeps CI short); the small world two rounds, run from another directory with relative paths,
     as a user's own data and annotator would be: a copy of the world in "my data", a hand-built judge file ok.py that
     imports the oracle from beside it, --out myrun."""
-    runs = {}
     out = tmp_path_factory.mktemp("toy") / "runs"
-    runs["toy"] = out, pipeline("--smoke", "--data", "data/toy", "--out", out, "--seed", 1, "--rounds", 1)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     shutil.copytree(REPO / "data" / "toy_small", elsewhere / "my data")
     shutil.copy(REPO / "data" / "toy_world.py", elsewhere / "toy_world.py")  # a module beside the judge file
     (elsewhere / "ok.py").write_text(HAND_BUILT_JUDGE)
-    run = ("--smoke", "--data", "my data", "--judge", "ok.py", "--out", "myrun", "--seed", 1, "--rounds", 2)
-    runs["toy_small"] = elsewhere / "myrun", pipeline(*run, cwd=elsewhere)
+    small = ("--smoke", "--data", "my data", "--judge", "ok.py", "--out", "myrun", "--seed", 1, "--rounds", 2)
+    results = pipelines_side_by_side(
+        {
+            "toy": (("--smoke", "--data", "data/toy", "--out", out, "--seed", 1, "--rounds", 1), REPO),
+            "toy_small": (small, elsewhere),
+        }
+    )
+    runs = {"toy": (out, results["toy"]), "toy_small": (elsewhere / "myrun", results["toy_small"])}
     for world, (_, result) in runs.items():
         assert result.returncode == 0, world + "\n" + result.stdout[-3000:] + result.stderr[-6000:]
     assert not (REPO / "myrun").exists()  # written where the caller meant, not into the repository
