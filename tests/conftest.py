@@ -60,9 +60,8 @@ def sft_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def preference_models(sft_checkpoint, tmp_path_factory):
     """The reward model and the cost model trained from the shared SFT checkpoint (OUT/reward, OUT/cost). 120 steps,
-    about half an epoch: both reach full training accuracy within 60 steps, and CI must stay under 12 minutes. The two
-    train side by side, one thread each."""
-    from helpers import TOY, run_scripts_side_by_side
+    about half an epoch: both reach full training accuracy within 60 steps, and CI must stay under 12 minutes."""
+    from helpers import TOY, run_script
 
     out = tmp_path_factory.mktemp("preference")
     common = [
@@ -86,9 +85,8 @@ def preference_models(sft_checkpoint, tmp_path_factory):
         "--seed",
         0,
     ]
-    run_scripts_side_by_side(
-        *[("preference_model.py", ["--objective", o, "--output_dir", out / o, *common]) for o in ("reward", "cost")]
-    )
+    for objective in ("reward", "cost"):
+        run_script("preference_model.py", "--objective", objective, "--output_dir", out / objective, *common)
     return out
 
 

@@ -37,30 +37,6 @@ def run_script(script, *args, nproc=1, check=True, timeout=900):
     return result
 
 
-def run_scripts_side_by_side(*runs, timeout=900):
-    """Each (script, args) of RUNS as `python SCRIPT ARGS` at the same time, one thread each (a core each on a 2-core
-    machine, where two runs of the default two threads would spin on each other); fails if any fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = [
-        subprocess.Popen(
-            [sys.executable, str(script), *map(str, args)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for script, args in runs
-    ]
-    for (script, _), process in zip(runs, started):
-        stdout, stderr = process.communicate(timeout=timeout)
-        if process.returncode != 0:
-            raise AssertionError(
-                f"{script} exited with {process.returncode}\n--- stdout ---\n{stdout[-3000:]}\n"
-                f"--- stderr ---\n{stderr[-6000:]}"
-            )
-
-
 def run_and_dump(script, dump_dir, *args, nproc=1):
     """Run SCRIPT's main() (under torchrun when nproc > 1) and save what it returns on every rank to
     DUMP_DIR/rank{R}.pt, so a test can compare the ranks' parameters."""
@@ -124,9 +100,10 @@ def refused(module, *args):
     return str(error.value)
 
 
-def run_all(commands, parallel=4):
+def run_all(commands, parallel=4, check=False):
     """{name: (script, args), (script, args, nproc) or (script, args, nproc, cwd)} -> {name: CompletedProcess},
-    `parallel` at a time; the script is the repository's, run from CWD (default: the repository)."""
+    `parallel` at a time, one thread a process; the script is the repository's, run from CWD (default: the
+    repository). CHECK: every run must succeed."""
 
     def run(command):
         script, args, nproc, cwd = (*command, 1, REPO)[:4] if len(command) == 2 else (*command, REPO)[:4]
@@ -145,7 +122,10 @@ def run_all(commands, parallel=4):
         )
 
     with ThreadPoolExecutor(parallel) as pool:
-        return dict(zip(commands, pool.map(run, commands.values())))
+        results = dict(zip(commands, pool.map(run, commands.values())))
+    for name, result in results.items() if check else {}.items():
+        assert result.returncode == 0, f"{name} exited with {result.returncode}:\n{result.stderr[-6000:]}"
+    return results
 
 
 def report(result):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-from helpers import REPO, TINY_LLAMA, TOY, run_and_dump, run_script
+from helpers import REPO, TINY_LLAMA, TOY, run_all, run_and_dump, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs torchrun with 2 ranks
 
@@ -65,19 +65,19 @@ def test_sft_fsdp_step_equals_ddp_and_one_process(tmp_path):
         "fsdp": (2, 4, 1, ["--fsdp"]),
         "fsdp accumulating": (2, 2, 2, ["--fsdp"]),
     }
-    for name, (nproc, batch, accumulation, extra) in runs.items():
-        run_script(
-            "sft.py",
-            *SFT,
-            "--per_device_train_batch_size",
-            batch,
-            "--gradient_accumulation_steps",
-            accumulation,
-            *extra,
-            "--output_dir",
-            tmp_path / name,
-            nproc=nproc,
-        )
+    run_all(  # two at a time, one thread a process
+        {
+            name: (
+                "sft.py",
+                [*SFT, "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", steps]
+                + [*extra, "--output_dir", tmp_path / name],
+                nproc,
+            )  # fmt: skip
+            for name, (nproc, batch, steps, extra) in runs.items()
+        },
+        parallel=2,
+        check=True,
+    )
     reference = checkpoint(tmp_path / "one process")
     for name in ("ddp", "fsdp", "fsdp accumulating"):
         assert max_difference(reference, checkpoint(tmp_path / name)) < 1e-5, name
@@ -144,19 +144,19 @@ def test_cost_model_fsdp_step_equals_ddp_and_one_process(sft_checkpoint, tmp_pat
         0,
     ]
     runs = {"one process": (1, 8, 1, []), "ddp": (2, 4, 1, []), "fsdp accumulating": (2, 2, 2, ["--fsdp"])}
-    for name, (nproc, batch, accumulation, extra) in runs.items():
-        run_script(
-            "preference_model.py",
-            *common,
-            "--per_device_train_batch_size",
-            batch,
-            "--gradient_accumulation_steps",
-            accumulation,
-            *extra,
-            "--output_dir",
-            tmp_path / name,
-            nproc=nproc,
-        )
+    run_all(  # two at a time, one thread a process
+        {
+            name: (
+                "preference_model.py",
+                [*common, "--per_device_train_batch_size", batch]
+                + ["--gradient_accumulation_steps", steps, *extra, "--output_dir", tmp_path / name],
+                nproc,
+            )  # fmt: skip
+            for name, (nproc, batch, steps, extra) in runs.items()
+        },
+        parallel=2,
+        check=True,
+    )
     reference = checkpoint(tmp_path / "one process")
     key = "model.layers.0.mlp.up_proj.weight"  # the backbone moved from the SFT weights by about lr
     assert (reference[key] - checkpoint(sft_checkpoint)[key]).abs().max() > 5e-5
@@ -199,8 +199,9 @@ def test_ppo_lagrangian_fsdp_equals_ddp(sft_checkpoint, preference_models, tmp_p
         "--seed",
         0,
     ]
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        run_script("ppo_lagrangian.py", *common, *extra, "--output_dir", tmp_path / name, nproc=2)
+    runs = {name: ("ppo_lagrangian.py", [*common, *extra, "--output_dir", tmp_path / name], 2)
+            for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]))}  # fmt: skip
+    run_all(runs, parallel=2, check=True)  # side by side, one thread a process
     for model in ("", "reward_critic", "cost_critic"):
         assert max_difference(checkpoint(tmp_path / "ddp" / model), checkpoint(tmp_path / "fsdp" / model)) < 1e-4, (
             model or "actor"

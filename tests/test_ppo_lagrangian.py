@@ -10,16 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_lagrangian as ppo
-from helpers import (
-    REPO,
-    TOY,
-    existing_output,
-    ppo_args,
-    refused,
-    run_and_dump,
-    run_main,
-    run_scripts_side_by_side,
-)
+from helpers import REPO, TOY, existing_output, ppo_args, refused, run_all, run_and_dump, run_main
 
 sys.path.insert(0, str(REPO / "data"))
 from toy_world import judge  # noqa: E402
@@ -93,17 +84,16 @@ def test_ppo_lag_gets_safer_and_ppo_gets_more_helpful(
     """The paper's story in 16 rollouts: with a cost limit below the SFT policy's expected cost, λ rises, the
     episode cost falls and the truly harmful answers (judged by the toy world's oracle) become rarer; reward-only
     PPO raises the reward and complies with more harmful requests. The two run side by side, one thread each."""
-    run_scripts_side_by_side(
-        (
-            "ppo_lagrangian.py",
-            [*models(sft_checkpoint, preference_models), *FAST, *LEARN, "--algorithm", "ppo_lag", "--cost_limit", -8.0]
-            + ["--lambda_lr", 0.02, "--output_dir", tmp_path / "ppo_lag"],
-        ),
-        (
-            "ppo_lagrangian.py",
-            [*models(sft_checkpoint, preference_models), *FAST, *LEARN, "--algorithm", "ppo"]
-            + ["--output_dir", tmp_path / "ppo"],
-        ),
+    models_and_settings = [*models(sft_checkpoint, preference_models), *FAST, *LEARN]
+    lagrangian = ["--algorithm", "ppo_lag", "--cost_limit", -8.0, "--lambda_lr", 0.02]
+    lagrangian += ["--output_dir", tmp_path / "ppo_lag"]
+    reward_only = ["--algorithm", "ppo", "--output_dir", tmp_path / "ppo"]
+    run_all(
+        {
+            "ppo_lag": ("ppo_lagrangian.py", [*models_and_settings, *lagrangian]),
+            "ppo": ("ppo_lagrangian.py", [*models_and_settings, *reward_only]),
+        },
+        check=True,
     )
     lag, plain = read_metrics(tmp_path / "ppo_lag"), read_metrics(tmp_path / "ppo")
     first, last = lambda ms, key: sum(m[key] for m in ms[:4]) / 4, lambda ms, key: sum(m[key] for m in ms[-4:]) / 4

@@ -3,6 +3,7 @@ where the same run without the kill ends: the same weights (to the last bit), th
 and for PPO-Lagrangian the same critics and λ. Also under torchrun with 2 ranks. The models are tiny, from a config."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ def assert_same_run(resumed, uninterrupted, resumed_from, key):
     for n in resumed_rows:
         assert resumed_rows[n] == pytest.approx(uninterrupted_rows[n], rel=1e-6, abs=1e-7), n
     assert not resumed.with_name(resumed.name + ".partial").exists()  # the states are gone with the finished run
+
+
+def kill_resume_and_run_uninterrupted(script, args, tmp_path, nproc=1):
+    """kill -9 after the second state and --resume into tmp_path/resumed, and beside it (one thread a process, as in
+    every run here) the same run uninterrupted into tmp_path/uninterrupted; returns the step the resume started from."""
+    with ThreadPoolExecutor(1) as pool:
+        uninterrupted = pool.submit(run, script, *args, "--output_dir", tmp_path / "uninterrupted", nproc=nproc)
+        resumed_from = kill_after_second_state(script, args, tmp_path / "resumed", nproc)
+        run(script, *args, "--resume", "--output_dir", tmp_path / "resumed", nproc=nproc)
+        uninterrupted.result()
+    return resumed_from
 
 
 SFT = [
@@ -63,9 +75,7 @@ SFT = [
 )  # (one process runs the same code as each DDP rank; test_ownership.py resumes it in this process)
 def test_sft_resumes_where_it_was_killed(tmp_path, nproc, extra):
     args = SFT + extra  # under FSDP each rank saves and loads its own shards of the model and of AdamW's moments
-    resumed_from = kill_after_second_state("sft.py", args, tmp_path / "resumed", nproc)
-    run("sft.py", *args, "--resume", "--output_dir", tmp_path / "resumed", nproc=nproc)
-    run("sft.py", *args, "--output_dir", tmp_path / "uninterrupted", nproc=nproc)
+    resumed_from = kill_resume_and_run_uninterrupted("sft.py", args, tmp_path, nproc)
     assert 3 <= resumed_from < 30
     assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "step")
 
@@ -113,9 +123,7 @@ def test_preference_model_resumes_where_it_was_killed(tiny_models, tmp_path):
         "--seed",
         0,
     ]
-    resumed_from = kill_after_second_state("preference_model.py", args, tmp_path / "resumed")
-    run("preference_model.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
-    run("preference_model.py", *args, "--output_dir", tmp_path / "uninterrupted")
+    resumed_from = kill_resume_and_run_uninterrupted("preference_model.py", args, tmp_path)
     assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "step")
 
 
@@ -144,9 +152,7 @@ def test_ppo_lagrangian_resumes_where_it_was_killed(tiny_models, tmp_path):
         *("--cost_limit", -5.0, "--episode_cost_window_size", 12, "--save_critics", "--no_gradient_checkpointing"),
         *("--no_bf16", "--seed", 0, *PID_AND_PTX),
     ]
-    resumed_from = kill_after_second_state("ppo_lagrangian.py", args, tmp_path / "resumed")
-    run("ppo_lagrangian.py", *args, "--resume", "--output_dir", tmp_path / "resumed")
-    run("ppo_lagrangian.py", *args, "--output_dir", tmp_path / "uninterrupted")
+    resumed_from = kill_resume_and_run_uninterrupted("ppo_lagrangian.py", args, tmp_path)
     assert_same_run(tmp_path / "resumed", tmp_path / "uninterrupted", resumed_from, "rollout")
     lambdas = [
         json.loads((tmp_path / name / "training_state.json").read_text())["lambda"]
