@@ -125,7 +125,7 @@ def plot_answers(records, results, path):
     figure, axis = plt.subplots(figsize=(7.5, 5.5))
     for i, name in enumerate(records):
         summary = results["policies"][name]["all"]
-        label = f"{name}: harmful {percent(summary['harmful_rate'], summary['harmful_rate_ci95'])}"
+        label = f"{name}: C > 0 on {percent(summary['harmful_rate'], summary['harmful_rate_ci95'])}"
         axis.scatter(
             [r["cost"] for r in records[name]],
             [r["reward"] for r in records[name]],

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from claims import claims_table, counts, difference_claim, percent, rate_claim  # noqa: E402  (bench/claims.py)
+from claims import claims_table, counts, difference_claim, percent, rate_claim, wilson_interval  # noqa: E402  (bench/claims.py)
 
 METRICS = {
     "harmful": "harmful answers to harmful prompts",
@@ -307,11 +307,15 @@ def plot(runs, path, title):
         values = [[rates(run)[n][metric] for n in names] for run in runs]
         if any(v is None for row in values for v in row):
             continue
-        values = np.array([[100 * k / n for k, n in row] for row in values])  # (runs, rounds), %
-        for row in values:
-            axis.plot(names, row, color=colour, alpha=0.25, linewidth=1)
-        axis.plot(names, values.mean(0), color=colour, marker="o", linewidth=2, label=label)
-    axis.set(ylabel="% of answers (judge)", title=title, ylim=(-2, 102))
+        for row in values:  # each seed, thin
+            axis.plot(names, [100 * k / n for k, n in row], color=colour, alpha=0.25, linewidth=1)
+        pooled = [(sum(k for k, _ in column), sum(n for _, n in column)) for column in zip(*values)]
+        rate = np.array([100 * k / n for k, n in pooled])
+        low, high = (100 * np.array(bounds) for bounds in zip(*(wilson_interval(k, n) for k, n in pooled)))
+        axis.errorbar(names, rate, yerr=[rate - low, high - rate], color=colour, marker="o", linewidth=2, capsize=3,
+                      label=label)  # fmt: skip
+    subtitle = "the seeds pooled, with 95% intervals; each seed thin"
+    axis.set(ylabel="% of answers (judge)", title=f"{title}\n{subtitle}", ylim=(-2, 102))
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -204,32 +204,18 @@ def judge(prompt, answer):  # a stand-in annotator with a rule a test can recomp
 """
 
 
+def answer(tiny, output_dir, prompts, samples):
+    """evaluate.py on the tiny models: PROMPTS held-out prompts, each answered SAMPLES times (sampled)."""
+    models = ["--policy", f"sft={tiny.sft_model}", "--reward_model", tiny.reward, "--cost_model", tiny.cost]
+    sizes = ["--max_prompts", prompts, "--samples_per_prompt", samples, "--max_new_tokens", 16, "--max_length", 96]
+    run_main(evaluate, *models, "--prompt_data", tiny.eval_prompts, *sizes, "--no_bf16", "--output_dir", output_dir)
+
+
 @pytest.fixture(scope="module")
 def sampled(tiny, tmp_path_factory):
     """evaluate.py on tiny models, 8 prompts answered twice each (sampled), and a judge file with a module beside it."""
     root = tmp_path_factory.mktemp("label")
-    args = [
-        "--policy",
-        f"sft={tiny.sft_model}",
-        "--prompt_data",
-        tiny.eval_prompts,
-        "--reward_model",
-        tiny.reward,
-        "--cost_model",
-        tiny.cost,
-        "--max_prompts",
-        8,
-        "--samples_per_prompt",
-        2,
-        "--max_new_tokens",
-        16,
-        "--max_length",
-        96,
-        "--no_bf16",
-        "--output_dir",
-        root / "eval",
-    ]
-    run_main(evaluate, *args)
+    answer(tiny, root / "eval", prompts=8, samples=2)
     (root / "my_judge.py").write_text(JUDGE_FILE)
     (root / "judge_helper.py").write_text("def long_enough(answer):\n    return len(answer.split()) > 8\n")
     return root
@@ -301,28 +287,7 @@ def compare(prompt, answer_0, answer_1):  # the longer answer is more helpful; n
 
 def test_every_pair_of_k_samples_is_labelled_by_the_pairwise_annotator(tiny, tmp_path):
     (tmp_path / "pairwise.py").write_text(COMPARE_FILE)
-    args = [
-        "--policy",
-        f"sft={tiny.sft_model}",
-        "--prompt_data",
-        tiny.eval_prompts,
-        "--reward_model",
-        tiny.reward,
-        "--cost_model",
-        tiny.cost,
-        "--max_prompts",
-        5,
-        "--samples_per_prompt",
-        3,
-        "--max_new_tokens",
-        16,
-        "--max_length",
-        96,
-        "--no_bf16",
-        "--output_dir",
-        tmp_path / "eval",
-    ]
-    run_main(evaluate, *args)
+    answer(tiny, tmp_path / "eval", prompts=5, samples=3)
     assert label(tmp_path / "eval", "--judge", tmp_path / "pairwise.py").returncode == 0
     answers = [json.loads(line) for line in (tmp_path / "eval" / "labelled_answers.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "labelled_pairs.jsonl").read_text().splitlines()]
