@@ -124,7 +124,8 @@ def mean(values):
 
 
 def wilson_interval(successes, n, z=1.96):
-    # the 95% score interval of a proportion k/n (Wilson 1927): (k + z²/2)/(n + z²) ± z·√(k(n-k)/n + z²/4)/(n + z²).
+    # the 95% score interval of a proportion k/n (Wilson 1927):
+    #     (k + z²/2)/(n + z²) ± z·√(k(n-k)/n + z²/4)/(n + z²)
     # Unlike k/n ± z·√(p(1-p)/n) it stays inside [0, 1] and is not empty at 0 or n successes
     if n == 0:
         return [float("nan"), float("nan")]

@@ -661,10 +661,10 @@ def load_ptx_data(args, tokenizer):
 
 
 def load_models(args, tokenizer, device, use_bf16):
-    """The six models, each checked to be what it is given as: the actor (trained) and π_ref (frozen) from the SFT model
-    (π_ref from --reference_model if given), the reward and cost models (frozen: a swapped or foreign pair is refused),
-    and the critics (trained) from them: V_R, and V_C for ppo_lag. Trained ones in fp32 under DDP or FSDP2, frozen ones
-    in bf16 where bf16 is used."""
+    """The six models, each checked to be what it is given as: the actor (trained) and π_ref (frozen) from the SFT
+    model (π_ref from --reference_model if given), the reward and cost models (frozen: a swapped or foreign pair is
+    refused), and the critics (trained) from them: V_R, and V_C for ppo_lag. Trained ones in fp32 under DDP or FSDP2,
+    frozen ones in bf16 where bf16 is used."""
     for path in (
         args.reference_model,
         args.reward_model,
