@@ -164,15 +164,11 @@ class Args:
     minibatches_per_rollout: int = field(default=0, init=False)
 
     def __post_init__(self):  # every range, checked right after parsing: a bad value is one line naming the flag
-        counts = (
-            "max_length max_new_tokens per_device_prompt_batch_size per_device_train_batch_size update_iters epochs"
-        )
-        require(self, counts + " episode_cost_window_size logging_steps", lambda v: v >= 1, "at least 1")
+        counts = "max_length max_new_tokens per_device_prompt_batch_size per_device_train_batch_size update_iters"
+        require(self, counts + " epochs episode_cost_window_size logging_steps", lambda v: v >= 1, "at least 1")
         require(self, "max_steps", lambda v: v == -1 or v >= 1, "-1 (--epochs passes) or at least 1")
-        rates = (
-            "actor_lr critic_lr lambda_init lambda_max temperature clip_range_ratio clip_range_score clip_range_value"
-        )
-        require(self, rates, lambda v: v > 0, "positive")
+        rates = "actor_lr critic_lr lambda_init lambda_max temperature clip_range_ratio clip_range_score"
+        require(self, rates + " clip_range_value", lambda v: v > 0, "positive")
         require(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
         shares = "gamma gae_lambda actor_lr_warmup_ratio critic_lr_warmup_ratio adam_beta1 adam_beta2"
         require(self, shares, lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -356,10 +352,8 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, generation_co
         input_ids[i, prompt_length - len(ids) :], prompt_mask[i, prompt_length - len(ids) :] = torch.tensor(ids), 1
     config = copy.copy(generation_config)  # the caller's settings, with this batch's answer length
     config.max_new_tokens = max_new_tokens
-    # synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered beforehand)
-    sequences = model.generate(
-        input_ids=input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False
-    )  # (B, P+T)
+    # (B, P+T); synced_gpus=False: each rank stops at its own answers' end (under FSDP the weights are gathered before)
+    sequences = model.generate(input_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=False)
     answers = sequences[:, prompt_length:]  # (B, T)
     is_eos = answers == eos
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -371,9 +365,7 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, generation_co
 def answer_log_probs(model, sequences, attention_mask, prompt_length):
     """log π(a_t | x, a_<t) of every answer token: (B, P+T) -> (B, T). The logits at position P-1+t predict token t."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits
+    logits = model(sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     answer_logits, answer_tokens = logits[:, prompt_length - 1 : -1], sequences[:, prompt_length:]  # (B, T, V), (B, T)
     return torch.log_softmax(answer_logits.float(), dim=-1).gather(-1, answer_tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -382,9 +374,7 @@ def end_scores(score_model, input_ids, attention_mask):
     """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding: position ids
     follow the attention mask, so padding changes nothing."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    outputs = score_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
+    outputs = score_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return outputs.logits.squeeze(-1).float()
 
 
@@ -423,7 +413,8 @@ def main():
     ptx_loader = load_ptx_data(args, tokenizer)  # None without --ptx_data
     actor, reference, reward_model, cost_model, critics = load_models(args, tokenizer, device, use_bf16)
     trained = {"actor": actor, **{f"{stream}_critic": critic for stream, critic in critics.items()}}
-    optimizers = ppo_optimizers(trained, args, total_rollouts * args.update_iters * args.minibatches_per_rollout)
+    updates = total_rollouts * args.update_iters * args.minibatches_per_rollout  # AdamW: the actor_*, critic_* flags
+    optimizers = {n: adamw(m, args, updates, "actor_" if n == "actor" else "critic_") for n, m in trained.items()}
     multiplier = LagrangeMultiplier(args, device)  # λ, its update rule and its state
     episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last raw episode costs C(x, y)
     run = start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, episode_costs)
@@ -555,11 +546,8 @@ def step_trained_models(trained, optimizers, losses, args, when):
     all-reduced losses and gradient norms: nothing moves if one of them is NaN or infinite."""
     checked = torch.stack(list(losses.values())).detach()
     dist.all_reduce(checked)
-    max_norm = args.max_grad_norm or float("inf")
-    grad_norms = {
-        f"grad_norm/{name}": torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm).item()
-        for name, m in trained.items()
-    }
+    max_norm, clip = args.max_grad_norm or float("inf"), torch.nn.utils.clip_grad_norm_
+    grad_norms = {f"grad_norm/{n}": clip(m.parameters(), max_norm).item() for n, m in trained.items()}
     check_finite({**{f"loss/{k}": v / args.world_size for k, v in zip(losses, checked.tolist())}, **grad_norms}, when)
     for optimizer, scheduler in optimizers.values():
         optimizer.step()
@@ -597,9 +585,8 @@ def describe_run(args, prompts_line, ptx_loader, use_bf16):
     """The start-up line: the variant, the prompts and the rollout budget."""
     share = f", at most {args.tolerance:.0%} of answers over it" if args.constraint == "rectified" else ""
     variant = f" ({args.constraint} constraint, d = {args.cost_limit}{share}, λ by {args.lambda_update})"
-    variant = (variant if args.algorithm == "ppo_lag" else "") + (
-        f", π_ref {args.reference_model}" if args.reference_model else ""
-    )
+    variant = variant if args.algorithm == "ppo_lag" else ""
+    variant += f", π_ref {args.reference_model}" if args.reference_model else ""
     ptx = "on" if ptx_loader else "off"
     return f"{args.algorithm}{variant}: {prompts_line}, kl_coeff {args.kl_coeff}, PTX {ptx}, bf16 {use_bf16}"
 
@@ -608,9 +595,7 @@ def load_policy_tokenizer(path):
     """The SFT model's tokenizer; its pad token must differ from EOS (answers stop at EOS, pad fills after it)."""
     tokenizer = load_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(
-            f"{path}: the tokenizer's pad token must exist and differ from EOS; start from an sft.py checkpoint"
-        )
+        raise InputError(f"{path}: the pad token must exist and differ from EOS; start from an sft.py checkpoint")
     tokenizer.padding_side = "right"  # for the PTX batches (the rollout left-pads its prompts itself)
     return tokenizer
 
@@ -629,9 +614,7 @@ def load_prompts(args, tokenizer, rank):
     all_prompt_ids = [tokenizer(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] for p in distinct]
     prompt_ids = [ids for ids in all_prompt_ids if len(ids) < args.max_length]
     if not prompt_ids:
-        raise InputError(
-            f"{args.prompt_data}: no usable prompts (every one is at least --max_length {args.max_length} tokens)"
-        )
+        raise InputError(f"{args.prompt_data}: no prompt is shorter than --max_length ({args.max_length} tokens)")
     copies = math.ceil(args.rollout_batch_size / len(prompt_ids))  # a rollout batch larger than the prompt set
     if copies > 1 and rank == 0:
         few = f"{len(prompt_ids)} distinct prompts, fewer than one rollout batch ({args.rollout_batch_size} answers)"
@@ -665,39 +648,26 @@ def load_models(args, tokenizer, device, use_bf16):
     model (π_ref from --reference_model if given), the reward and cost models (frozen: a swapped or foreign pair is
     refused), and the critics (trained) from them: V_R, and V_C for ppo_lag. Trained ones in fp32 under DDP or FSDP2,
     frozen ones in bf16 where bf16 is used."""
-    for path in (
-        args.reference_model,
-        args.reward_model,
-        args.cost_model,
-        args.reward_critic_model,
-        args.cost_critic_model,
-    ):
-        if path and load_pretrained(AutoTokenizer, path).get_vocab() != tokenizer.get_vocab():
-            raise InputError(
-                f"{path}: its tokenizer differs from the actor's; every model must come from one SFT model"
-            )
+    given = [args.reference_model, args.reward_model, args.cost_model, args.reward_critic_model, args.cost_critic_model]
+    for path in [path for path in given if path]:
+        if load_pretrained(AutoTokenizer, path).get_vocab() != tokenizer.get_vocab():
+            raise InputError(f"{path}: its tokenizer differs from the actor's; all models must come from one SFT model")
 
     def frozen(model_class, path):  # sharded with --fsdp, every unit freed after its forward
         model = load_pretrained(model_class, path, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
-        return (
-            fsdp_shard(model.requires_grad_(False), use_bf16, True)
-            if args.fsdp
-            else model.requires_grad_(False).to(device)
-        )
+        model.requires_grad_(False)
+        return fsdp_shard(model, use_bf16, True) if args.fsdp else model.to(device)
 
     actor = load_pretrained(AutoModelForCausalLM, args.actor_model, dtype=torch.float32)
     reference = frozen(AutoModelForCausalLM, args.reference_model or args.actor_model)
-    reward_model, cost_model = (
-        frozen(AutoModelForSequenceClassification, p) for p in (args.reward_model, args.cost_model)
-    )
+    reward_model = frozen(AutoModelForSequenceClassification, args.reward_model)
+    cost_model = frozen(AutoModelForSequenceClassification, args.cost_model)
     if len(tokenizer) > actor.get_input_embeddings().num_embeddings:
         raise InputError(f"{args.actor_model}: its tokenizer has more tokens than the model has embeddings")
     for model, flag in ((actor, "actor_model"), (reference, "reference_model")):
         if getattr(model.config, "objective", None):  # written by preference_model.py: a score model, not a policy
-            raise InputError(
-                f"{getattr(args, flag)}: this is a {model.config.objective} model, not a policy; give the SFT "
-                f"model as --{flag}"
-            )
+            kind = model.config.objective
+            raise InputError(f"{getattr(args, flag)}: a {kind} model, not a policy; give the SFT model as --{flag}")
     check_objective(getattr(reward_model.config, "objective", None), "reward", args.reward_model)
     check_objective(getattr(cost_model.config, "objective", None), "cost", args.cost_model)
     paths = {"reward": args.reward_critic_model or args.reward_model, "cost": args.cost_critic_model or args.cost_model}
@@ -724,14 +694,6 @@ def check_objective(objective, expected, path):
             f"its config has no 'objective' (preference_model.py writes it; for a model from elsewhere add "
             f'"objective": "{expected}" to its config.json)')  # fmt: skip
         raise InputError(f"{path}: {found}, but it was given as the {expected} model")
-
-
-def ppo_optimizers(trained, args, total_updates):
-    """{name: (AdamW, schedule)} for the actor (the actor_* flags) and the critics (the critic_* flags)."""
-    return {
-        name: adamw(model, args, total_updates, "actor_" if name == "actor" else "critic_")
-        for name, model in trained.items()
-    }
 
 
 def start_ppo_run(args, rank, saved_states, trained, optimizers, multiplier, episode_costs):
@@ -793,11 +755,8 @@ def sft_rows(rows, source):
                 found = "missing" if row.get(name) is None else f"expected a non-empty string, got {row[name]!r}"
                 raise InputError(f"{source}, row {number}, field '{name}': {found} (rows hold prompt and response)")
         if alpaca:
-            pairs.append(
-                (f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"], row["output"])
-            )
-        else:
-            pairs.append((row["prompt"], row["response"]))
+            instruction = f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
+        pairs.append((instruction, row["output"]) if alpaca else (row["prompt"], row["response"]))
     return pairs
 
 

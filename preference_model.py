@@ -71,17 +71,11 @@ def arg(default, help, **metadata):  # a field of Args: its default, its --help 
 
 @dataclass
 class Args:
-    objective: str = arg(
-        "reward", "the model to train: reward (helpfulness) or cost (harmlessness)", choices=["reward", "cost"]
-    )
+    objective: str = arg("reward", "reward (helpfulness) or cost (harmlessness)", choices=["reward", "cost"])
     model_name_or_path: str = arg("output/sft", "the SFT checkpoint to start from (hub id or local directory)")
-    train_data: str = arg(
-        PKU_SAFERLHF, "PKU-SafeRLHF-format pairs: local .jsonl/.json/.parquet/.csv file or hub NAME[@REV]"
-    )
+    train_data: str = arg(PKU_SAFERLHF, "PKU-SafeRLHF-format pairs: .jsonl/.json/.parquet/.csv file or hub NAME[@REV]")
     train_split: str = arg("train", "split of a hub training data set")
-    eval_data: str | None = arg(
-        None, "held-out pairs, same formats; default: a hub data set's test split, none for a local file; '' for none"
-    )
+    eval_data: str | None = arg(None, "held-out pairs (default: a hub set's test split, none for a file; '' for none)")
     eval_split: str = arg("test", "split of a hub evaluation data set")
     output_dir: str = arg("output/reward", "where the checkpoint, args.json, eval.json, metrics.jsonl and plots go")
     overwrite_output_dir: bool = arg(False, "replace OUTPUT_DIR whatever it holds; start over despite saved states")
@@ -167,9 +161,7 @@ def end_scores(score_model, input_ids, attention_mask):
     """The score model's output at each sequence's last non-pad token (the EOS), for left or right padding: position ids
     follow the attention mask, so padding changes nothing."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    outputs = score_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
+    outputs = score_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return outputs.logits.squeeze(-1).float()
 
 
@@ -194,9 +186,8 @@ def main():
     tokenizer = load_score_tokenizer(args.model_name_or_path)
     train_examples, eval_examples, skipped = load_pair_examples(args, tokenizer)  # skipped: identical answers
     model = load_score_model(args, tokenizer, device, use_bf16)
-    loader = data_loader(
-        train_examples, args.per_device_train_batch_size, args.seed, lambda b: collate_pairs(b, tokenizer)
-    )
+    collate = lambda examples: collate_pairs(examples, tokenizer)  # noqa: E731
+    loader = data_loader(train_examples, args.per_device_train_batch_size, args.seed, collate)
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     all_epochs = steps_per_epoch * args.epochs
     total_steps = all_epochs if args.max_steps < 0 else min(args.max_steps, all_epochs)
@@ -233,9 +224,8 @@ def main():
                 # every micro-batch holds as many pairs: the mean of their means is the global mean (DDP: over ranks)
                 (loss / args.gradient_accumulation_steps).backward()
             local_loss += loss.detach() / args.gradient_accumulation_steps
-            local_correct += (
-                correct_order(args.objective, preferred, rejected).float().mean() / args.gradient_accumulation_steps
-            )
+            accuracy = correct_order(args.objective, preferred, rejected).float().mean()
+            local_correct += accuracy / args.gradient_accumulation_steps
 
         # 3. clip the gradient, check that nothing is NaN, take the step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
@@ -252,9 +242,8 @@ def main():
         progress.update(1)
         if rank == 0 and (step % args.logging_steps == 0 or step == total_steps):
             metrics = {"step": step, "epoch": epoch + 1, "train/loss": train_loss, "train/accuracy": train_accuracy}
-            log_metrics(
-                run, step, metrics | {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
-            )
+            metrics |= {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
+            log_metrics(run, step, metrics)
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
             save_state(run, args, step, modules, {"step": step, "scheduler": scheduler.state_dict()}, rank, device)
         if eval_examples and (step % steps_per_epoch == 0 or step == total_steps):
@@ -322,9 +311,7 @@ def load_score_tokenizer(path):
     """The SFT model's tokenizer, right-padding; its pad token must differ from EOS, at which the score is read."""
     tokenizer = load_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(
-            f"{path}: the tokenizer's pad token must exist and differ from EOS; start from an sft.py checkpoint"
-        )
+        raise InputError(f"{path}: the pad token must exist and differ from EOS; start from an sft.py checkpoint")
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -373,9 +360,8 @@ def evaluate_pairs(model, examples, args, tokenizer, device, autocast, rank):
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer).items()}
             preferred, rejected = end_scores(unwrap(model), batch["input_ids"], batch["attention_mask"]).chunk(2)
             loss = preference_loss(args.objective, preferred, rejected, batch, args.regularization)
-            correct_sign = ((preferred > 0) == ~batch["preferred_is_safe"]).sum() + (
-                (rejected > 0) == ~batch["rejected_is_safe"]
-            ).sum()
+            unsafe = ~torch.cat([batch["preferred_is_safe"], batch["rejected_is_safe"]])
+            correct_sign = ((torch.cat([preferred, rejected]) > 0) == unsafe).sum()
             correct = correct_order(args.objective, preferred, rejected).sum()
             counts += torch.stack([loss * len(chunk), torch.tensor(len(chunk), device=device), correct, correct_sign])
             for is_preferred, values in ((True, preferred), (False, rejected)):

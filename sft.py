@@ -77,11 +77,7 @@ def arg(default, help, **metadata):  # a field of Args: its default, its --help 
 class Args:
     model_name_or_path: str = arg("huggyllama/llama-7b", "hub id or local directory of the base model")
     from_scratch: bool = arg(False, "new weights from the model's config (the toy world's stand-in for pre-training)")
-    train_data: str = arg(
-        "tatsu-lab/alpaca",
-        "local .jsonl/.json/.parquet/.csv file or hub data set NAME[@REVISION]; {prompt, response} or Alpaca "
-        "{instruction, input, output} rows",
-    )
+    train_data: str = arg("tatsu-lab/alpaca", "{prompt, response} or Alpaca rows: a local file or hub NAME[@REV]")
     train_split: str = arg("train", "split of a hub training data set")
     eval_data: str = arg("", "optional evaluation data, same formats as train_data")
     eval_split: str = arg("test", "split of a hub evaluation data set")
@@ -107,9 +103,7 @@ class Args:
     logging_steps: int = arg(1, "log the training loss every N optimiser steps")
     save_steps: int = arg(0, "save a resumable state every N optimiser steps, to OUTPUT_DIR.partial (0: never)")
     resume: bool = arg(False, "continue the stopped run from the newest state in OUTPUT_DIR.partial")
-    report_to: str = arg(
-        "none", "tracker besides metrics.jsonl (TensorBoard: OUTPUT_DIR/runs)", choices=["none", "tensorboard"]
-    )
+    report_to: str = arg("none", "also log to TensorBoard (OUTPUT_DIR/runs)", choices=["none", "tensorboard"])
     # what a resume may change (not a flag): none of it moves a number of the run
     resume_may_change = (
         "resume overwrite_output_dir output_dir save_steps logging_steps report_to gradient_checkpointing"
@@ -262,11 +256,8 @@ def sft_rows(rows, source):
                 found = "missing" if row.get(name) is None else f"expected a non-empty string, got {row[name]!r}"
                 raise InputError(f"{source}, row {number}, field '{name}': {found} (rows hold prompt and response)")
         if alpaca:
-            pairs.append(
-                (f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"], row["output"])
-            )
-        else:
-            pairs.append((row["prompt"], row["response"]))
+            instruction = f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
+        pairs.append((instruction, row["output"]) if alpaca else (row["prompt"], row["response"]))
     return pairs
 
 
@@ -286,10 +277,7 @@ def load_examples(args, tokenizer):
         pairs = sft_rows(load_rows(args.eval_data, args.eval_split), args.eval_data)
         eval_examples, _ = sft_examples(tokenizer, pairs, args.max_length)
     if len(train_examples) < args.global_batch_size:
-        raise InputError(
-            f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch "
-            f"({args.global_batch_size})"
-        )
+        raise InputError(f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch")
     return train_examples, eval_examples, dropped
 
 
@@ -316,9 +304,8 @@ def evaluate_loss(model, examples, args, collate, device, autocast, rank):
     shard = examples[rank :: args.world_size]
     with autocast:
         for start in range(0, len(shard), args.per_device_eval_batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(shard[start : start + args.per_device_eval_batch_size]).items()
-            }
+            batch = collate(shard[start : start + args.per_device_eval_batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
             logits = unwrap(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             totals += torch.stack([sft_loss_sum(logits, batch["labels"]), count_answer_tokens(batch["labels"])])
     dist.all_reduce(totals)
