@@ -45,6 +45,7 @@ import time
 from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,7 +187,7 @@ def main():
     tokenizer = load_score_tokenizer(args.model_name_or_path)
     train_examples, eval_examples, skipped = load_pair_examples(args, tokenizer)  # skipped: identical answers
     model = load_score_model(args, tokenizer, device, use_bf16)
-    collate = lambda examples: collate_pairs(examples, tokenizer)  # noqa: E731
+    collate = partial(collate_pairs, tokenizer=tokenizer)  # a batch of B pairs: 2B sequences
     loader = data_loader(train_examples, args.per_device_train_batch_size, args.seed, collate)
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     all_epochs = steps_per_epoch * args.epochs

@@ -276,8 +276,8 @@ def load_examples(args, tokenizer):
     if args.eval_data:
         pairs = sft_rows(load_rows(args.eval_data, args.eval_split), args.eval_data)
         eval_examples, _ = sft_examples(tokenizer, pairs, args.max_length)
-    if len(train_examples) < args.global_batch_size:
-        raise InputError(f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch")
+    if len(train_examples) < (batch := args.global_batch_size):
+        raise InputError(f"{args.train_data}: {len(train_examples)} usable rows, fewer than one global batch ({batch})")
     return train_examples, eval_examples, dropped
 
 
