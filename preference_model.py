@@ -766,4 +766,6 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             interrupted = "interrupted: the output directory was left as it was"
             print(f"error: {error}" if isinstance(error, InputError) else interrupted, file=sys.stderr)
+        if dist.is_initialized() and (isinstance(error, InputError) or dist.get_backend() == "gloo"):
+            dist.destroy_process_group()  # else gloo can abort the exit; NCCL only if no rank is inside a collective
         sys.exit(1 if isinstance(error, InputError) else 130)

@@ -152,7 +152,7 @@ def test_a_second_run_into_the_same_output_is_refused_and_the_first_ends_intact(
     _, second_err = second.communicate(timeout=600)
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-3000:]
-    assert second.returncode == 1 and "another run is writing it" in second_err.strip().splitlines()[-1]
+    assert second.returncode == 1 and "another run is writing it" in second_err.strip().splitlines()[-1], second_err
     steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 241))  # the first run's metrics, whole and alone
     assert json.loads((output / "args.json").read_text())["max_steps"] == 240

@@ -1,8 +1,9 @@
 """The shape of the four stage scripts, which are read as a tutorial as much as they are run:
 - each is standalone: it imports no sibling script, and `--help` runs from a copy of the script alone in an empty
   directory;
-- a function, class or module-level constant defined in several scripts has the same code in every one of them, and
-  every top-level definition and import of a script is used in that script (no script carries what it never runs);
+- a function, class or module-level constant defined in several scripts (and the `__main__` block: how each stops on
+  bad input) has the same code in every one of them, and every top-level definition and import of a script is used in
+  that script (no script carries what it never runs);
 - each reads algorithm first: the docstring, Args, the math, main() (the stage's algorithm box, on a screen or two),
   the setup of this stage, then the plumbing the scripts share, last."""
 
@@ -31,6 +32,8 @@ def top_level_definitions(path):
             definitions[node.name] = ast.get_source_segment(source, node)
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             definitions[node.targets[0].id] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
+            definitions["__main__"] = ast.get_source_segment(source, node)  # how a script stops on bad input
     return definitions
 
 
@@ -41,7 +44,8 @@ def test_a_name_defined_in_several_scripts_has_the_same_code_everywhere():
             if name not in ("main", "Args"):
                 copies.setdefault(name, []).append((path.name, code))
     shared = {name: found for name, found in copies.items() if len(found) > 1}
-    assert {"PROMPT_TEMPLATE", "InputError", "parse_args", "load_rows", "tokenize_prompt_and_answer"} <= set(shared)
+    expected = {"PROMPT_TEMPLATE", "InputError", "parse_args", "load_rows", "tokenize_prompt_and_answer", "__main__"}
+    assert expected <= set(shared)
     for name, found in shared.items():
         first_file, first_code = found[0]
         for other_file, code in found[1:]:
@@ -61,7 +65,7 @@ def test_every_definition_and_import_is_used(path):
                 name = (alias.asname or alias.name).split(".")[0]
                 assert name in used, f"{path.name}: '{name}' is imported but never used"
     for name in top_level_definitions(path):
-        if name not in ("main", "Args"):
+        if name not in ("main", "Args", "__main__"):
             assert name in used, f"{path.name}: '{name}' is defined but never used"
 
 
