@@ -23,33 +23,41 @@ import sft
 from helpers import EVALUATE_FAST, PPO_FAST, PREFERENCE_FAST, SFT_FAST, TINY_LLAMA, run_main
 
 
-def gpt2(vocab_size, tokenizer):
-    tokenizer.pad_token = None  # GPT-2's tokenizer has none
-    return GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+def gpt2(tokenizer, directory):
+    """A tiny GPT-2 whose tokenizer has no pad token, not even in its vocabulary: sft.py must add one."""
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # '<pad>' renamed: a token like any other
+        (directory / name).write_text((directory / name).read_text().replace('"<pad>"', '"<unused0>"'))
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config.save_pretrained(directory)
+    return len(AutoTokenizer.from_pretrained(directory)) + 1  # the vocabulary once sft.py has added a pad token
 
 
-def qwen2(vocab_size, tokenizer):
-    tokenizer.pad_token = tokenizer.eos_token  # Qwen2's base models pad with their EOS
-    return Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+def qwen2(tokenizer, directory):
+    """A tiny Qwen2 whose tokenizer pads with its EOS, as Qwen2's base models ship: sft.py must give it another."""
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(directory)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config.save_pretrained(directory)
+    return len(AutoTokenizer.from_pretrained(directory))  # '<pad>' is in the vocabulary already: sft.py reuses it
 
 
-@pytest.mark.parametrize("make_config", [gpt2, qwen2], ids=["gpt2", "qwen2"])
-def test_every_stage_runs_on_another_architecture_and_saves_what_it_trained(make_config, tiny, tmp_path):
+@pytest.mark.parametrize("make_base", [gpt2, qwen2], ids=["gpt2", "qwen2"])
+def test_every_stage_runs_on_another_architecture_and_saves_what_it_trained(make_base, tiny, tmp_path):
     base, out = tmp_path / "base", {name: tmp_path / name for name in ("sft", "reward", "cost", "ppo", "eval")}
-    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
-    make_config(len(tokenizer), tokenizer).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    vocabulary = make_base(AutoTokenizer.from_pretrained(TINY_LLAMA), base)
 
-    # SFT from scratch: a pad token that is not EOS, embeddings for every token, the checkpoint the trained model
+    # SFT from scratch: a pad token that is not EOS, an embedding for every token, the checkpoint the trained model
     args = ["--model_name_or_path", base, "--from_scratch", "--train_data", tiny.sft, *SFT_FAST, "--max_steps", 2]
     trained = run_main(sft, *args, "--output_dir", out["sft"]).eval()
     saved_tokenizer = AutoTokenizer.from_pretrained(out["sft"])
     assert saved_tokenizer.pad_token_id is not None and saved_tokenizer.pad_token_id != saved_tokenizer.eos_token_id
     policy = AutoModelForCausalLM.from_pretrained(out["sft"]).eval()
-    assert policy.get_input_embeddings().num_embeddings >= len(saved_tokenizer)
+    assert len(saved_tokenizer) == vocabulary <= policy.get_input_embeddings().num_embeddings
     ids = torch.tensor([saved_tokenizer("USER: hello ASSISTANT: hi")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(policy(ids).logits, trained(ids).logits)
