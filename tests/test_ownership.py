@@ -2,7 +2,8 @@
 --overwrite_output_dir), a bad output path is refused at start, a second run into the same output is refused by the
 first run's lock (a killed run's lock dies with it), Ctrl-C ends with one line and leaves the output as it was, and a
 resume continues the same run or refuses: changed training arguments, a rerun over saved states without --resume, and
-cut-short states are all named in one line (an older state is used when the newest cannot be read).
+cut-short states are all named in one line (an older state is used when the newest cannot be read); a refused run
+leaves its process group before it exits.
 
 The models are tiny and untrained; each script's main() runs in this process, except where a second process is the
 point (a lock held by another run, Ctrl-C, a kill)."""
@@ -169,6 +170,26 @@ def test_ctrl_c_ends_with_one_line_and_leaves_the_output_as_it_was(tiny, tmp_pat
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert lines[-1].startswith("interrupted: ") and "left as it was" in lines[-1]
     assert snapshot(output) == before
+
+
+def test_a_run_refused_after_the_process_group_is_up_leaves_it_before_exiting(tiny, tmp_path):
+    """Left to the interpreter's exit, gloo's worker threads can abort it: a refused run once ended with SIGABRT
+    instead of exit status 1 (pytorch#179291). The __main__ block is the same in every script (test_shared_code.py)."""
+    (tmp_path / "out.partial").mkdir()
+    wrapper = f"""
+import atexit, fcntl, runpy, sys
+import torch.distributed as dist
+lock = open({str(tmp_path / "out.partial" / ".lock")!r}, "a")
+fcntl.flock(lock, fcntl.LOCK_EX)  # another run's lock: sft.py is refused after it has joined its process group
+atexit.register(lambda: print("process group", "still up" if dist.is_initialized() else "left"))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    args = [*map(str, one_step(tiny, "sft.py")), "--output_dir", tmp_path / "out"]
+    command = [sys.executable, "-c", wrapper, "sft.py", *args]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "another run is writing it" in result.stderr, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "process group left"
 
 
 # ---- a resume continues the same run, or refuses ----
