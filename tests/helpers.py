@@ -1,6 +1,7 @@
 """Helpers shared by the tests: run a stage script as a user would (a subprocess, optionally under torchrun), several
 at once, and check what a failed run must leave: one error line, and every file as it was."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,20 +23,50 @@ TINY_LLAMA = REPO / "data" / "tiny-llama"
 
 def run_script(script, *args, nproc=1, check=True, timeout=900):
     """Run `python SCRIPT ARGS` (or `torchrun --nproc_per_node=NPROC ...`) from the repository root."""
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    result = subprocess.run(
-        launcher + [str(script), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    result = launch(launcher(nproc) + [str(script), *map(str, args)], REPO, env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} exited with {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n"
             f"--- stderr ---\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def launch(command, cwd, env, timeout):
+    """subprocess.run(COMMAND) with its output captured. A run that hangs past TIMEOUT seconds gets SIGABRT, it and
+    every process under it (torchrun starts each worker in a session of its own), so that Python's faulthandler
+    (PYTHONFAULTHANDLER=1) prints where each one hung; then it is run once more, with the stacks as a warning, if it
+    was writing a new --output_dir (removed first). A run that hangs again, or that was given an existing output,
+    fails with the stacks. (Why: once in many CI runs a 2-rank gloo run hung after saving, torch 2.13.)"""
+    output = command[command.index("--output_dir") + 1] if "--output_dir" in command else None
+    new_output = output is not None and not any(Path(f"{output}{end}").exists() for end in ("", ".partial"))
+    for attempt in (1, 2):
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            pids = process_tree(process.pid)[::-1]  # the workers first: their stacks are the ones wanted
+            send(pids, signal.SIGSTOP)  # all stopped, then each in turn prints its stack and ends (before a peer
+            send(pids, signal.SIGABRT, signal.SIGCONT, pause=1)  # could see it gone and end another way)
+            send(pids, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        hang = f"{command[1:]} hung for {timeout} s (attempt {attempt}); its stacks:\n{stderr[-12000:]}"
+        if attempt == 2 or not new_output:
+            raise AssertionError(hang)
+        warnings.warn(hang, stacklevel=2)
+        for path in (Path(output), Path(f"{output}.partial")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def send(pids, *signums, pause=0):
+    """Each signal to each process that still lives, PAUSE seconds after each process."""
+    for pid in pids:
+        for signum in signums:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        time.sleep(pause)
 
 
 def run_and_dump(script, dump_dir, *args, nproc=1):
@@ -44,7 +76,13 @@ def run_and_dump(script, dump_dir, *args, nproc=1):
 
 
 # tiny models gain nothing from threads, and four concurrent runs on two cores must not fight over them
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONFAULTHANDLER": "1",
+}
 SFT_FAST = [
     "--per_device_train_batch_size",
     4,
@@ -107,19 +145,8 @@ def run_all(commands, parallel=4, check=False):
 
     def run(command):
         script, args, nproc, cwd = (*command, 1, REPO)[:4] if len(command) == 2 else (*command, REPO)[:4]
-        launcher = (
-            [sys.executable]
-            if nproc == 1
-            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        )
-        return subprocess.run(
-            launcher + [str(REPO / script), *map(str, args)],
-            cwd=cwd,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        # (the slowest of these runs takes ~40 s on 2 cores: 300 s is a hang)
+        return launch(launcher(nproc) + [str(REPO / script), *map(str, args)], cwd, ENV, timeout=300)
 
     with ThreadPoolExecutor(parallel) as pool:
         results = dict(zip(commands, pool.map(run, commands.values())))
@@ -281,9 +308,7 @@ def launcher(nproc):
 
 def run(script, *args, nproc=1):
     """Run to the end, as a user would; one thread per process in every run of a comparison (the same float sums)."""
-    result = subprocess.run(
-        launcher(nproc) + [script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900
-    )
+    result = launch(launcher(nproc) + [script, *map(str, args)], REPO, ENV, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -307,11 +332,7 @@ def process_tree(pid):
 def kill_all(process):
     """SIGKILL a run and every process it started, and wait until all are gone (their locks with them)."""
     tree = process_tree(process.pid)
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    send(tree, signal.SIGKILL)
     process.wait()
     deadline = time.time() + 60
     for pid in tree[1:]:  # a zombie holds no lock: only a live one counts
