@@ -39,7 +39,7 @@ def launch(command, cwd, env, timeout):
     (PYTHONFAULTHANDLER=1) prints where each one hung; then it is run once more, with the stacks as a warning, if it
     was writing a new --output_dir (removed first). A run that hangs again, or that was given an existing output,
     fails with the stacks. (Why: once in many CI runs a 2-rank gloo run hung after saving, torch 2.13.)"""
-    output = command[command.index("--output_dir") + 1] if "--output_dir" in command else None
+    output = Path(cwd, command[command.index("--output_dir") + 1]) if "--output_dir" in command else None
     new_output = output is not None and not any(Path(f"{output}{end}").exists() for end in ("", ".partial"))
     for attempt in (1, 2):
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -56,7 +56,7 @@ def launch(command, cwd, env, timeout):
         if attempt == 2 or not new_output:
             raise AssertionError(hang)
         warnings.warn(hang, stacklevel=2)
-        for path in (Path(output), Path(f"{output}.partial")):
+        for path in (output, Path(f"{output}.partial")):
             shutil.rmtree(path, ignore_errors=True)
 
 
