@@ -736,6 +736,7 @@ def gathered(model):
 
 
 if __name__ == "__main__":
+    status = 0
     try:
         main()
     except (InputError, KeyboardInterrupt) as error:  # one line, printed once: under torchrun every rank meets it
@@ -745,5 +746,10 @@ if __name__ == "__main__":
             interrupted = "interrupted: the output directory was left as it was"
             print(f"error: {error}" if isinstance(error, InputError) else interrupted, file=sys.stderr)
         if dist.is_initialized() and (isinstance(error, InputError) or dist.get_backend() == "gloo"):
-            dist.destroy_process_group()  # else gloo can abort the exit; NCCL only if no rank is inside a collective
-        sys.exit(1 if isinstance(error, InputError) else 130)
+            dist.destroy_process_group()  # (NCCL's only if no rank can be inside a collective)
+        status = 1 if isinstance(error, InputError) else 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without the interpreter's teardown: DDP and fully_shard keep gloo's threads alive past destroy_process_group,
+    # and one still releasing a collective's tensors then aborts a finalizing Python (docs/robustness.md).
+    os._exit(status)
