@@ -38,7 +38,8 @@ def launch(command, cwd, env, timeout):
     every process under it (torchrun starts each worker in a session of its own), so that Python's faulthandler
     (PYTHONFAULTHANDLER=1) prints where each one hung; then it is run once more, with the stacks as a warning, if it
     was writing a new --output_dir (removed first). A run that hangs again, or that was given an existing output,
-    fails with the stacks. (Why: once in many CI runs a 2-rank gloo run hung after saving, torch 2.13.)"""
+    fails with the stacks. (Why: in CI a 2-rank gloo run once hung after saving, where is unknown; another aborted in
+    Python's teardown, which the scripts now skip: docs/robustness.md.)"""
     output = Path(cwd, command[command.index("--output_dir") + 1]) if "--output_dir" in command else None
     new_output = output is not None and not any(Path(f"{output}{end}").exists() for end in ("", ".partial"))
     for attempt in (1, 2):
