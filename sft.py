@@ -661,6 +661,8 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             interrupted = "interrupted: the output directory was left as it was"
             print(f"error: {error}" if isinstance(error, InputError) else interrupted, file=sys.stderr)
+        else:
+            time.sleep(1)  # torchrun stops every rank once one has failed: rank 0 first says why
         if dist.is_initialized() and (isinstance(error, InputError) or dist.get_backend() == "gloo"):
             dist.destroy_process_group()  # (NCCL's only if no rank can be inside a collective)
         status = 1 if isinstance(error, InputError) else 130
