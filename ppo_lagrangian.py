@@ -1132,7 +1132,7 @@ if __name__ == "__main__":
         else:
             time.sleep(1)  # torchrun stops every rank once one has failed: rank 0 first says why
         if dist.is_initialized() and (isinstance(error, InputError) or dist.get_backend() == "gloo"):
-            dist.destroy_process_group()  # (NCCL's only if no rank can be inside a collective)
+            dist.destroy_process_group()  # (not NCCL's on Ctrl-C: a rank may be inside a collective)
         status = 1 if isinstance(error, InputError) else 130
     sys.stdout.flush()
     sys.stderr.flush()

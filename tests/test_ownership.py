@@ -28,6 +28,7 @@ from helpers import (
     REPO,
     evaluate_args,
     existing_output,
+    launch,
     launcher,
     ppo_args,
     preference_args,
@@ -228,12 +229,11 @@ exec(compile(ast.Module([block], []), sys.argv[1], "exec"), {**script, "main": m
 @pytest.mark.parametrize("end", ["finished", "refused"])
 def test_a_run_ends_with_its_own_status_while_gloo_threads_are_still_at_work(tmp_path, end):
     """Python's teardown under a gloo thread that still holds tensors aborts ("terminate called without an active
-    exception"): 16 of 18 runs of this driver did with the __main__ block before os._exit (it ended with a plain exit).
-    The __main__ block now ends the run before that teardown."""
+    exception"): 16 of 18 runs of this driver did with the previous __main__ block, which left the exit to Python.
+    The block now ends the run before that teardown."""
     driver = tmp_path / "driver.py"
     driver.write_text(GLOO_STILL_AT_WORK)
-    command = [*launcher(2), str(driver), "sft.py", end]
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    result = launch([*launcher(2), str(driver), "sft.py", end], REPO, ENV, timeout=300)
     assert result.returncode == (0 if end == "finished" else 1), result.stderr[-3000:]
     assert "terminate called" not in result.stderr
     assert result.stderr.count("error: refused") == (end == "refused")
